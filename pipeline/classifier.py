@@ -1,0 +1,232 @@
+"""The classifier: a LightningModule around a timm model (3 classes, 3 input channels), and its cache.
+
+Trained classifiers are cached under `paths.cache_dir/classifiers/<hash>/` where the hash covers the
+config parts that define them (data, model, optim, trainer, seed): a sweep over attack x norm x zeta
+trains each model once. A file lock makes concurrent jobs wait for the one that trains.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import ConfigError, UserError
+from pipeline.metrics import accuracy, class_metrics, confusion
+
+log = logging.getLogger(__name__)
+
+# config keys that do not change the trained weights, left out of the cache key
+NON_DEFINING = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary", "epochs"}
+
+
+def build_net(arch: str, num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
+              extra: dict | None = None) -> torch.nn.Module:
+    """timm.create_model with 3 input channels; pretrained weights only from local files (no network)."""
+    kw = dict(num_classes=num_classes, in_chans=3, **(extra or {}))
+    if arch not in timm.list_models() and arch not in timm.list_models(pretrained=True):
+        raise ConfigError(f"model.arch={arch!r} is not a timm model (see timm.list_models())")
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, **kw)
+    if pretrained_path:
+        path = Path(pretrained_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.pretrained_path={pretrained_path}: file not found (expected local weights for {arch})")
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach out: weights must already be cached
+    try:
+        return timm.create_model(arch, pretrained=True, **kw)
+    except Exception as e:  # noqa: BLE001 - timm raises many kinds when weights are absent
+        raise UserError(
+            f"pretrained weights for {arch!r} are not available on this machine ({type(e).__name__}: {str(e)[:200]}). "
+            f"Put them in the Hugging Face / torch hub cache, or set model.pretrained_path=/path/to/weights, "
+            f"or use model.pretrained=false") from None
+
+
+class Classifier(pl.LightningModule):
+    """timm network + cross-entropy training; logs accuracy and per-class sensitivity / PPV."""
+
+    def __init__(self, arch: str, classes: Sequence[str], optim: Any = None, pretrained: bool = False,
+                 pretrained_path: str | None = None, min_image_size: int = 32, extra: dict | None = None):
+        super().__init__()
+        self.arch, self.classes = arch, list(classes)
+        self.optim = optim
+        self.min_image_size = int(min_image_size)
+        self.net = build_net(arch, len(self.classes), pretrained, pretrained_path, extra)
+        self._outputs: dict[str, list] = {"val": [], "test": []}
+        self.confusion: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train_acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, split, batch):
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self._outputs[split].append((F.cross_entropy(logits, y, reduction="sum").detach(), logits.argmax(1), y))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch)
+
+    def _eval_epoch_end(self, split):
+        outs = self._outputs[split]
+        if not outs:
+            return
+        loss = torch.stack([o[0] for o in outs]).sum()
+        preds, labels = torch.cat([o[1] for o in outs]).cpu(), torch.cat([o[2] for o in outs]).cpu()
+        self._outputs[split] = []
+        self.confusion[split] = confusion(labels, preds, len(self.classes))
+        metrics = {f"{split}_loss": loss.item() / len(labels), f"{split}_acc": accuracy(labels, preds)}
+        metrics.update(class_metrics(split, labels, preds, self.classes))
+        acc = metrics.pop(f"{split}_acc")
+        self.log_dict(metrics, prog_bar=False)
+        self.log(f"{split}_acc", acc, prog_bar=True)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.optim.optimizer)(self.parameters())
+        sched_cfg = self.optim.get("scheduler")
+        if not sched_cfg:
+            return optimizer
+        make = instantiate(sched_cfg)
+        params = inspect.signature(make.func).parameters
+        kw = {}
+        if "total_steps" in params:  # one-cycle style schedules need the length of the run
+            kw["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        if "T_max" in params and "T_max" not in make.keywords:
+            kw["T_max"] = int(self.trainer.max_epochs)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": make(optimizer, **kw), "interval": self.optim.get("interval", "epoch")}}
+
+
+class BestWeights(pl.Callback):
+    """Keeps the weights of the best validation epoch (highest val_acc, then lowest val_loss) in memory."""
+
+    def __init__(self):
+        self.best: tuple[float, float] | None = None
+        self.state: dict | None = None
+        self.epoch = -1
+
+    def on_validation_epoch_end(self, trainer, module):
+        if trainer.sanity_checking or "val_acc" not in trainer.callback_metrics:
+            return
+        score = (trainer.callback_metrics["val_acc"].item(), -trainer.callback_metrics["val_loss"].item())
+        if self.best is None or score > self.best:
+            self.best, self.epoch = score, trainer.current_epoch
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
+
+
+# --------------------------------------------------------------------------- cache
+
+def defining_config(cfg: DictConfig) -> dict:
+    """The config parts that define a trained classifier (resolved, without presentation-only keys)."""
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in NON_DEFINING}
+        return d
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optim", "trainer")}
+    parts["trainer"]["max_epochs"] = cfg.trainer.max_epochs
+    return {**strip(parts), "seed": cfg.seed}
+
+
+def classifier_key(cfg: DictConfig) -> str:
+    blob = json.dumps(defining_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(model: Classifier, path: Path, meta: dict) -> None:
+    """Atomic write (temp file + rename): a half-written checkpoint is never seen under its final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(model: Classifier, path: Path) -> dict:
+    """Load weights saved by `save_checkpoint` (weights only, no pickle); raises ValueError if they do not fit."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta = blob["meta"]
+        if meta.get("arch") != model.arch or list(meta.get("classes", [])) != model.classes:
+            raise ValueError(f"checkpoint is for {meta.get('arch')} / {meta.get('classes')}, not {model.arch} / {model.classes}")
+        model.load_state_dict(blob["state_dict"])
+    except Exception as e:  # noqa: BLE001 - corrupt file, wrong keys or shapes: all mean "do not use"
+        raise ValueError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+    return meta
+
+
+def make_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
+    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kw.pop("_target_", None)
+    kw.update(overrides)
+    return pl.Trainer(**kw)
+
+
+def new_classifier(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
+    return instantiate(cfg.model, classes=list(classes), optim=cfg.optim, _recursive_=False)
+
+
+def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
+    """The classifier for this config: from the cache when present and valid, else trained and cached."""
+    key = classifier_key(cfg)
+    entry = Path(cfg.paths.cache_dir) / "classifiers" / key
+    ckpt = entry / "classifier.pt"
+    entry.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry / ".lock")):
+        if ckpt.exists():
+            try:
+                model = new_classifier(cfg, dm.classes)
+                meta = load_checkpoint(model, ckpt)
+                log.info("classifier %s loaded from cache %s (trained %s, best epoch %s): not retraining",
+                         model.arch, ckpt, meta.get("trained_at"), meta.get("best_epoch"))
+                return model, {**meta, "cache_hit": True, "key": key, "path": str(ckpt)}
+            except ValueError as e:
+                log.warning("%s; rebuilding the cache entry", e)
+                ckpt.unlink(missing_ok=True)
+        log.info("training %s on %s for %d epochs (cache key %s)", cfg.model.arch, type(dm).__name__,
+                 cfg.trainer.max_epochs, key)
+        pl.seed_everything(cfg.seed, workers=True)
+        model = new_classifier(cfg, dm.classes)  # re-created after seeding: same init for the same seed
+        best = BestWeights()
+        trainer = make_trainer(cfg, callbacks=[best], logger=logger if logger is not None else False,
+                               enable_checkpointing=False, default_root_dir=str(entry))
+        t0 = time.time()
+        trainer.fit(model, datamodule=dm)
+        if best.state is not None:
+            model.load_state_dict(best.state)
+        meta = {"arch": model.arch, "classes": model.classes, "key": key, "best_epoch": best.epoch,
+                "val_acc": best.best[0] if best.best else None, "train_seconds": round(time.time() - t0, 1),
+                "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "image_size": dm.image_size}
+        save_checkpoint(model, ckpt, meta)
+        (entry / "config.json").write_text(json.dumps(defining_config(cfg), indent=2, default=str))
+        log.info("classifier trained in %.0f s (best val_acc %.3f at epoch %d), cached at %s",
+                 meta["train_seconds"], meta["val_acc"] or float("nan"), best.epoch, ckpt)
+        return model, {**meta, "cache_hit": False, "path": str(ckpt)}

@@ -1,0 +1,42 @@
+"""Checks on the composed config, run before any work: a bad value names its key and what is allowed."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from pipeline.attack import NORMS
+from pipeline.errors import ConfigError
+
+TASKS = ("train", "attack")
+
+
+def validate(cfg: DictConfig) -> None:
+    if cfg.get("task") not in TASKS:
+        raise ConfigError(f"task={cfg.get('task')!r}: expected one of {list(TASKS)}")
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r}: expected an integer")
+    classes = list(cfg.data.classes)
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ConfigError(f"data.classes={classes}: expected at least 2 distinct class names")
+    size, min_size = cfg.data.image_size, cfg.model.get("min_image_size", 32)
+    if not isinstance(size, int) or size < min_size:
+        raise ConfigError(f"data.image_size={size}: model {cfg.model.arch} needs an integer >= {min_size}")
+    epochs = cfg.trainer.max_epochs
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"trainer.max_epochs={epochs}: expected an integer >= 1")
+    a = cfg.attack
+    if a.norm not in NORMS:
+        raise ConfigError(f"attack.norm={a.norm!r}: expected one of {list(NORMS)}")
+    try:
+        zeta = float(a.zeta)
+    except (TypeError, ValueError):
+        raise ConfigError(f"attack.zeta={a.zeta!r}: expected a percentage in (0, 100]") from None
+    if not 0 < zeta <= 100:
+        raise ConfigError(f"attack.zeta={a.zeta}: expected a percentage in (0, 100]")
+    if a.target is not None and a.target not in classes:
+        raise ConfigError(f"attack.target={a.target!r}: expected null (non-targeted) or one of {classes}")
+    if not isinstance(a.max_iter, int) or a.max_iter < 1:
+        raise ConfigError(f"attack.max_iter={a.max_iter}: expected an integer >= 1")
+    if a.input_split not in ("train", "val", "test"):
+        raise ConfigError(f"attack.input_split={a.input_split!r}: expected train, val or test")
+    if a.input_limit is not None and (not isinstance(a.input_limit, int) or a.input_limit < 1):
+        raise ConfigError(f"attack.input_limit={a.input_limit}: expected null or an integer >= 1")

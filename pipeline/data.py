@@ -1,0 +1,354 @@
+"""Data modules: the synthetic phantom set (default) and COVIDx-format folders (COVIDx, cxr3).
+
+Every split is preprocessed once, up front, into uint8 tensors (N, 1, H, W): reading and
+checking every image before any training means a bad file stops the run at once, with its name.
+Items are float images in [0, 1], the grayscale channel replicated to 3 channels, no normalisation
+(the paper's preprocessing).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+COVIDX_CLASSES = ("normal", "pneumonia", "COVID-19")
+SPLITS = ("train", "val", "test")
+
+
+class GrayDataset(Dataset):
+    """uint8 grayscale images (N, 1, H, W) and labels; items are (3, H, W) floats in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, patients: Sequence[str] = ()):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected uint8 images of shape (N, 1, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels = images, labels.long()
+        self.patients = list(patients) or [str(i) for i in range(len(labels))]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return to_float3(self.images[i]), self.labels[i]
+
+    def subset(self, idx) -> "GrayDataset":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return GrayDataset(self.images[idx], self.labels[idx], [self.patients[i] for i in idx.tolist()])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as (N, 3, H, W) floats, and labels."""
+        return to_float3(self.images), self.labels
+
+
+def to_float3(img_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 1, H, W) -> float (..., 3, H, W) in [0, 1], the gray channel replicated."""
+    x = img_u8.float().div_(255.0)
+    return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
+
+
+def patient_split(patients: Sequence[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): whole patients go to val, in a seeded order, until val_fraction is reached."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        groups.setdefault(p, []).append(i)
+    order = sorted(groups)
+    np.random.default_rng(seed).shuffle(order)
+    target = val_fraction * len(patients)
+    val: list[int] = []
+    for p in order:
+        if len(val) >= target:
+            break
+        val.extend(groups[p])
+    val_set = set(val)
+    train = [i for i in range(len(patients)) if i not in val_set]
+    return np.array(train, dtype=np.int64), np.array(sorted(val), dtype=np.int64)
+
+
+def augment_batch(x: torch.Tensor, shift=0.0, scale=0.0, rotate=0.0, brightness=0.0, contrast=0.0) -> torch.Tensor:
+    """Light random augmentation of a training batch (B, C, H, W) in [0, 1]: affine, brightness, contrast."""
+    b = x.shape[0]
+    dev = x.device
+    u = lambda: torch.rand(b, device=dev) * 2 - 1  # noqa: E731 - uniform in [-1, 1]
+    ang = u() * math.radians(rotate)
+    s = 1 + u() * scale
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([cos, -sin, u() * shift * 2], 1), torch.stack([sin, cos, u() * shift * 2], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    c = (1 + u() * contrast).view(b, 1, 1, 1)
+    br = (u() * brightness).view(b, 1, 1, 1)
+    return ((x - mean) * c + mean + br).clamp_(0, 1)
+
+
+class CXRDataModule(pl.LightningDataModule):
+    """Shared behaviour: splits, loaders, augmentation. Subclasses implement `load_splits`."""
+
+    def __init__(self, classes: Sequence[str] = COVIDX_CLASSES, image_size: int = 224, val_fraction: float = 0.1,
+                 seed: int = 0, batch_size: int = 32, num_workers: int = 0, augment: dict | None = None,
+                 epochs: int = 10):
+        super().__init__()
+        self.classes = list(classes)
+        self.image_size = int(image_size)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.augment = dict(augment) if augment else None
+        self.epochs = epochs
+        self.sets: dict[str, GrayDataset] = {}
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size={image_size}: expected an integer >= 8")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size}: expected an integer >= 1")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load_splits(self) -> tuple[GrayDataset, GrayDataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sets:
+            return
+        train_full, test = self.load_splits()
+        tr, va = patient_split(train_full.patients, self.val_fraction, self.seed)
+        self.sets = {"train": train_full.subset(tr), "val": train_full.subset(va), "test": test}
+        for name, ds in self.sets.items():
+            counts = np.bincount(ds.labels.numpy(), minlength=self.num_classes).tolist()
+            log.info("%s: %d images %s", name, len(ds), dict(zip(self.classes, counts)))
+
+    def dataset(self, split: str) -> GrayDataset:
+        self.setup()
+        if split not in self.sets:
+            raise ConfigError(f"unknown split {split!r}: expected one of {list(self.sets)}")
+        return self.sets[split]
+
+    def loader(self, split: str, batch_size: int | None = None, shuffle: bool = False, seed: int | None = None) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed if seed is None else seed) if shuffle else None
+        return DataLoader(self.dataset(split), batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          generator=gen, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self.loader("val")
+
+    def test_dataloader(self):
+        return self.loader("test")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.augment and self.trainer is not None and self.trainer.training:
+            x, y = batch
+            batch = (augment_batch(x, **self.augment), y)
+        return batch
+
+
+# --------------------------------------------------------------------------- COVIDx format
+
+@dataclass(frozen=True)
+class Record:
+    patient: str
+    filename: str
+    label: int
+    source: str
+    line: int
+
+
+def read_label_file(path: Path, classes: Sequence[str]) -> list[Record]:
+    """Parse a COVIDx label file: one image per line, `patient_id filename class source`."""
+    if not path.is_file():
+        raise DataError(f"label file not found: {path} (expected a COVIDx label file with lines "
+                        f"'patient_id filename class source')")
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, raw in enumerate(fh, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split()
+            if len(fields) != 4:
+                raise DataError(f"{path}:{n}: expected 4 space-separated fields 'patient_id filename class source', "
+                                f"got {len(fields)}: {line[:120]!r}")
+            patient, filename, cls, source = fields
+            if cls not in classes:
+                raise DataError(f"{path}:{n}: unknown class {cls!r}; expected one of {list(classes)}")
+            p = Path(filename)
+            if p.is_absolute() or ".." in p.parts:
+                raise DataError(f"{path}:{n}: filename {filename!r} must be a relative path inside the image folder")
+            if filename in seen:
+                raise DataError(f"{path}:{n}: duplicate filename {filename!r} (first on line {seen[filename]})")
+            seen[filename] = n
+            records.append(Record(patient, filename, classes.index(cls), source, n))
+    if not records:
+        raise DataError(f"label file is empty: {path} (expected lines 'patient_id filename class source')")
+    return records
+
+
+def load_image(path: Path, crop_top: float, size: int) -> np.ndarray:
+    """The paper's preprocessing: grayscale, drop the top `crop_top` of the rows, resize to size x size."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("L")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e} (expected a readable PNG/JPEG image)") from None
+    w, h = im.size
+    top = int(round(h * crop_top))
+    if h - top < 2 or w < 2:
+        raise DataError(f"image {path} is too small ({w}x{h}) to crop {crop_top:.3f} of its rows")
+    im = im.crop((0, top, w, h)).resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+class CovidxDataModule(CXRDataModule):
+    """A COVIDx-format folder: `train.txt` / `test.txt` and an image folder per split."""
+
+    def __init__(self, root: str, train_file: str = "train.txt", test_file: str = "test.txt",
+                 train_dir: str = "train", test_dir: str = "test", crop_top: float = 1 / 6, **kw):
+        super().__init__(**kw)
+        if root in (None, "", "???"):
+            raise ConfigError("data.root is not set: expected the path of a COVIDx-format folder, "
+                              "e.g. data.root=../shared/data/cxr3")
+        self.root = Path(root).expanduser()
+        self.files = {"train": (train_file, train_dir), "test": (test_file, test_dir)}
+        self.crop_top = float(crop_top)
+        if not 0 <= self.crop_top < 1:
+            raise ConfigError(f"data.crop_top={crop_top}: expected a fraction in [0, 1)")
+
+    def read_split(self, split: str) -> tuple[list[Record], Path]:
+        label_file, image_dir = self.files[split]
+        records = read_label_file(self.root / label_file, self.classes)
+        folder = self.root / image_dir
+        if not folder.is_dir():
+            raise DataError(f"image folder not found: {folder} (data.{split}_dir={image_dir!r}, relative to data.root)")
+        present = {r.label for r in records}
+        missing = [c for i, c in enumerate(self.classes) if i not in present]
+        if missing:
+            raise DataError(f"{self.root / label_file}: no image of class {missing} in the {split} split; "
+                            f"every split needs every class {self.classes}")
+        return records, folder
+
+    def load_split(self, split: str) -> GrayDataset:
+        records, folder = self.read_split(split)
+        root = folder.resolve()
+        imgs = np.empty((len(records), 1, self.image_size, self.image_size), dtype=np.uint8)
+        for i, r in enumerate(records):
+            path = folder / r.filename
+            if root not in path.resolve().parents:
+                raise DataError(f"{self.root / self.files[split][0]}:{r.line}: {r.filename!r} escapes the image folder {folder}")
+            imgs[i, 0] = load_image(path, self.crop_top, self.image_size)
+        labels = torch.tensor([r.label for r in records])
+        return GrayDataset(torch.from_numpy(imgs), labels, [r.patient for r in records])
+
+    def load_splits(self):
+        if not self.root.is_dir():
+            raise DataError(f"data.root not found: {self.root} (expected a folder with "
+                            f"{self.files['train'][0]} and {self.files['test'][0]})")
+        # parse both label files first so that a malformed line fails before any image is read
+        for split in self.files:
+            self.read_split(split)
+        log.info("reading images from %s (crop_top=%.3f, %d px)", self.root, self.crop_top, self.image_size)
+        train, test = self.load_split("train"), self.load_split("test")
+        overlap = set(train.patients) & set(test.patients)
+        if overlap:
+            log.warning("%d patients appear in both train and test (e.g. %s)", len(overlap), sorted(overlap)[:3])
+        return train, test
+
+
+# --------------------------------------------------------------------------- phantom
+
+class PhantomDataModule(CXRDataModule):
+    """Synthetic CXR-like phantoms built in memory; balanced classes, deterministic under `seed`."""
+
+    def __init__(self, n_train: int = 600, n_test: int = 300, noise: float = 0.04, finding_strength: float = 0.7, **kw):
+        super().__init__(**kw)
+        if len(self.classes) != 3:
+            raise ConfigError(f"data.classes={self.classes}: the phantom has exactly 3 classes (normal, pneumonia, COVID-19)")
+        for key, val in (("n_train", n_train), ("n_test", n_test)):
+            if int(val) < 3 * 2:
+                raise ConfigError(f"data.{key}={val}: expected an integer >= 6 (at least 2 images per class)")
+        self.n = {"train": int(n_train), "test": int(n_test)}
+        self.noise = float(noise)
+        self.strength = float(finding_strength)
+
+    def load_splits(self):
+        out = []
+        for k, split in enumerate(("train", "test")):
+            rng = np.random.default_rng([self.seed, k])
+            n = self.n[split]
+            labels = np.arange(n) % 3
+            rng.shuffle(labels)
+            imgs = np.stack([render_phantom(int(c), self.image_size, rng, self.noise, self.strength) for c in labels])
+            u8 = torch.from_numpy(np.round(imgs * 255).astype(np.uint8)[:, None])
+            out.append(GrayDataset(u8, torch.from_numpy(labels), [f"{split}-{i}" for i in range(n)]))
+        return tuple(out)
+
+
+def _blob(X, Y, cx, cy, sx, sy, sharp=4.0):
+    """A soft-edged ellipse, 1 inside and 0 outside."""
+    r = np.sqrt(((X - cx) / sx) ** 2 + ((Y - cy) / sy) ** 2)
+    return 1 / (1 + np.exp((r - 1) * sharp * 4))
+
+
+def _gauss(X, Y, cx, cy, s):
+    return np.exp(-((X - cx) ** 2 + (Y - cy) ** 2) / (2 * s * s))
+
+
+def render_phantom(label: int, size: int, rng: np.random.Generator, noise: float, strength: float) -> np.ndarray:
+    """One phantom chest radiograph in [0, 1] (bright = dense), class 0 normal, 1 pneumonia, 2 COVID-19."""
+    lin = np.linspace(-1, 1, size)
+    X, Y = np.meshgrid(lin, lin)
+    j = lambda s: rng.uniform(-s, s)  # noqa: E731 - random jitter
+    body = _blob(X, Y, j(0.04), 0.1 + j(0.04), 0.82 + j(0.06), 1.0 + j(0.05), sharp=3)
+    img = 0.08 + 0.5 * body
+    # ribs: curved stripes over the chest
+    ribs = 0.5 + 0.5 * np.sin((Y + 0.35 * X ** 2) * (13 + j(2)) + rng.uniform(0, 2 * np.pi))
+    img += 0.05 * body * ribs ** 3
+    lungs, lung_masks = np.zeros_like(X), []
+    for side in (-1, 1):
+        m = _blob(X, Y, side * (0.36 + j(0.04)), -0.02 + j(0.05), 0.24 + j(0.04), 0.5 + j(0.06), sharp=2.5)
+        lung_masks.append((side, m))
+        lungs += m
+    lungs = np.clip(lungs, 0, 1)
+    img -= (0.33 + j(0.05)) * lungs
+    img += (0.12 + j(0.03)) * _blob(X, Y, 0.08 + j(0.04), 0.28 + j(0.05), 0.2 + j(0.03), 0.28 + j(0.04), sharp=2)
+    # vessels / benign densities, any class (so that "a bright spot" alone is not the class)
+    for _ in range(rng.integers(1, 4)):
+        img += 0.06 * _gauss(X, Y, j(0.6), j(0.5), rng.uniform(0.02, 0.05)) * lungs
+    s = strength * rng.uniform(0.6, 1.2)
+    if label == 1:  # pneumonia: one dense lobar opacity, upper or lower part of one lung
+        side, m = lung_masks[rng.integers(0, 2)]
+        cut = j(0.15) + (0.15 if rng.random() < 0.7 else -0.35)
+        lobe = m * (1 / (1 + np.exp(-(Y - cut) * 14)))
+        img += s * (0.24 + j(0.04)) * lobe
+    elif label == 2:  # COVID-19: bilateral, peripheral, hazy (ground-glass) patches
+        for side, m in lung_masks:
+            for _ in range(rng.integers(2, 4)):
+                cx = side * (0.52 + j(0.06))
+                cy = rng.uniform(-0.05, 0.45)
+                img += s * 0.11 * _gauss(X, Y, cx, cy, rng.uniform(0.08, 0.14)) * m
+    # acquisition: contrast, brightness, gamma, noise
+    img = img * rng.uniform(0.85, 1.15) + j(0.05)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.2)
+    img = img + rng.normal(0, noise, img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)

@@ -1,0 +1,30 @@
+"""Batched evaluation: clean, UAP and random-control predictions of a split in one pass."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pipeline.data import GrayDataset, to_float3
+
+
+@torch.no_grad()
+def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tensor | None], batch_size: int = 128,
+            clip: bool = False, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Predicted classes of every image of `ds` under each perturbation (None = clean), one forward per batch.
+
+    The inputs of all perturbations are stacked into one batch, so a split costs one pass over the data.
+    """
+    net = net.eval().to(device)
+    names = list(perturbations)
+    vs = [None if v is None else v.to(device) for v in perturbations.values()]
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for start in range(0, len(ds), batch_size):
+        x = to_float3(ds.images[start:start + batch_size]).to(device)
+        xs = []
+        for v in vs:
+            xv = x if v is None else x + v
+            xs.append(xv.clamp(0, 1) if (clip and v is not None) else xv)
+        preds = net(torch.cat(xs)).argmax(1).view(len(xs), -1).cpu()
+        for n, p in zip(names, preds):
+            out[n].append(p)
+    return {n: torch.cat(p) for n, p in out.items()}

@@ -1,0 +1,191 @@
+"""One experiment: data -> classifier (trained or cached) -> UAP -> evaluation -> MLflow."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import plots, tracking
+from pipeline.attack import RandomUAP, UAPAttack, lp_norms, random_uap, zeta_to_eps
+from pipeline.classifier import classifier_key, train_or_load
+from pipeline.config import validate
+from pipeline.data import CXRDataModule
+from pipeline.errors import ConfigError
+from pipeline.evaluate import predict
+from pipeline.metrics import accuracy, attack_metrics, class_metrics, confusion
+
+log = logging.getLogger(__name__)
+
+
+def device_for(cfg: DictConfig) -> torch.device:
+    acc = str(cfg.trainer.get("accelerator", "cpu"))
+    if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if acc in ("gpu", "cuda"):
+        raise ConfigError("trainer=gpu but no CUDA device is available: use trainer=cpu")
+    return torch.device("cpu")
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    tags = {"config_hash": classifier_key(cfg), "task": cfg.task}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        hc = HydraConfig.get()
+        tags.update({f"choice.{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")})
+        tags["overrides"] = " ".join(hc.overrides.task)
+    except ValueError:  # not inside a Hydra app (tests composing configs directly)
+        pass
+    return tags
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    try:
+        out = Path(cfg.paths.output_dir)
+    except Exception:  # noqa: BLE001 - ${hydra:...} does not resolve outside a Hydra app
+        out = Path(cfg.paths.root_dir) / "outputs" / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def mlflow_logger(run_id: str, cfg: DictConfig):
+    from pytorch_lightning.loggers import MLFlowLogger
+    return MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=run_id)
+
+
+def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
+    """Run one experiment and return its metrics (also logged to MLflow and written to metrics.json)."""
+    validate(cfg)
+    out = output_dir(cfg)
+    name = f"{cfg.model.arch}-{cfg.task}" + (f"-{cfg.attack._target_.rsplit('.', 1)[-1]}-{cfg.attack.norm}-z{cfg.attack.zeta}"
+                                             f"-{cfg.attack.target or 'nontargeted'}" if cfg.task == "attack" else "")
+    with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg), parent_run_id=parent_run_id) as mlrun:
+        hydra_dir = out / ".hydra"
+        if hydra_dir.is_dir():
+            tracking.mlflow.log_artifacts(str(hydra_dir), "hydra")
+        pl.seed_everything(cfg.seed, workers=True)
+        dm: CXRDataModule = instantiate(cfg.data)
+        dm.setup()
+        model, meta = train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id, cfg))
+        tracking.mlflow.set_tag("classifier_cache", "hit" if meta["cache_hit"] else "trained")
+        tracking.mlflow.set_tag("classifier_path", meta["path"])
+        device = device_for(cfg)
+        metrics = classifier_metrics(model, dm, out, device)
+        if cfg.task == "attack":
+            metrics.update(attack(cfg, dm, model.net, out, device))
+        tracking.log_metrics(metrics)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        tracking.log_artifact(out / "metrics.json")
+        log.info("%s", summary(cfg, metrics, dm.classes))
+        log.info("MLflow run %s in %s (open with `make ui`); files in %s", mlrun.info.run_id, cfg.tracking.uri, out)
+    return metrics
+
+
+def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str, float]:
+    """Clean accuracy and per-class sensitivity / PPV on val and test; the test confusion matrix as PNG."""
+    metrics = {}
+    for split in ("val", "test"):
+        ds = dm.dataset(split)
+        if len(ds) == 0:
+            continue
+        pred = predict(model.net, ds, {"clean": None}, device=device)["clean"]
+        metrics[f"{split}_acc"] = accuracy(ds.labels, pred)
+        metrics.update(class_metrics(split, ds.labels, pred, dm.classes))
+        if split == "test":
+            conf = confusion(ds.labels, pred, dm.num_classes)
+            tracking.log_artifact(plots.plot_confusion(conf, dm.classes, out / "confusion_classifier.png",
+                                                       f"classifier, test (acc {metrics['test_acc']:.3f})"))
+    return metrics
+
+
+def input_set(cfg: DictConfig, dm: CXRDataModule):
+    ds = dm.dataset(cfg.attack.input_split)
+    limit = cfg.attack.input_limit
+    if limit is not None and limit < len(ds):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:limit].sort().values
+        ds = ds.subset(idx)
+    return ds
+
+
+def load_uap(path: str, size: int) -> torch.Tensor:
+    p = Path(path)
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"attack.uap_file={path}: cannot read a .npy array ({e})") from None
+    if arr.shape not in ((size, size), (1, size, size)):
+        raise ConfigError(f"attack.uap_file={path}: shape {arr.shape}, expected ({size}, {size}) for data.image_size={size}")
+    return torch.from_numpy(arr.astype(np.float32)).view(1, size, size)
+
+
+def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[str, float]:
+    """Make (or load) the UAP on the input set, evaluate it and its random control on train and test."""
+    a = OmegaConf.to_container(cfg.attack, resolve=True)
+    uap_file = a.pop("uap_file", None)
+    a.pop("_target_")
+    cls = instantiate({"_target_": cfg.attack._target_, "_partial_": True})
+    inputs = input_set(cfg, dm)
+    x_in, y_in = inputs.tensors()
+    atk: UAPAttack = cls(classifier=net, image_size=dm.image_size, classes=dm.classes, **a)
+    atk.eps = zeta_to_eps(x_in[:, :1], atk.zeta, atk.norm)
+    tracking.mlflow.log_params({"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": len(inputs)})
+    t0 = time.perf_counter()
+    if uap_file:
+        uap = load_uap(uap_file, dm.image_size)
+        passes = 0
+    else:
+        trainer_kw = {"accelerator": "gpu" if device.type == "cuda" else "cpu",
+                      "enable_progress_bar": bool(cfg.trainer.get("enable_progress_bar", True))}
+        uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kw, seed=cfg.seed)
+        passes = atk.passes
+    seconds = time.perf_counter() - t0
+    rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 1))
+    if isinstance(atk, RandomUAP):  # the control of a random "attack" is another random draw
+        rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 2))
+    metrics = {"eps": atk.eps, "zeta": atk.zeta, "uap_norm": lp_norms(uap[None], atk.norm).item(),
+               "random_norm": lp_norms(rnd[None], atk.norm).item(), "uap_seconds": seconds, "uap_passes": passes}
+    for h in atk.history:
+        if h["pass"] > 0:
+            tracking.log_metrics({"uap_fr_input": h["fr"]}, step=h["pass"])
+    preds = {}
+    for split in ("train", "test"):
+        ds = dm.dataset(split)
+        preds[split] = predict(net, ds, {"clean": None, "uap": uap, "random": rnd}, clip=atk.clip, device=device)
+        metrics.update(attack_metrics(split, ds.labels, preds[split], dm.classes, atk.target))
+    np.save(out / "uap.npy", uap[0].numpy().astype(np.float32))
+    title = (f"{'targeted ' + atk.target_name if atk.targeted else 'non-targeted'} UAP, {atk.norm}, "
+             f"zeta={atk.zeta:g}% (eps={atk.eps:.4g})")
+    files = [out / "uap.npy", plots.plot_uap(uap[0].numpy(), out / "uap.png", title)]
+    test = dm.dataset("test")
+    p = preds["test"]
+    files.append(plots.plot_examples(test.images[:8].float() / 255, uap[0], test.labels[:8], p["clean"][:8], p["uap"][:8],
+                                     dm.classes, out / "examples.png", clip=atk.clip, n=6))
+    for kind in ("clean", "uap", "random"):
+        conf = confusion(test.labels, p[kind], dm.num_classes)
+        files.append(plots.plot_confusion(conf, dm.classes, out / f"confusion_{kind}.png", f"test, {kind}"))
+    for f in files:
+        tracking.log_artifact(f)
+    return metrics
+
+
+def summary(cfg: DictConfig, m: dict, classes) -> str:
+    lines = [f"result: {cfg.model.arch} on {cfg.data._target_.rsplit('.', 1)[-1]} "
+             f"({cfg.data.image_size} px), clean test accuracy {m['test_acc']:.3f}"]
+    if cfg.task == "attack":
+        a = cfg.attack
+        targeted = a.target is not None
+        kind = f"targeted -> {a.target}" if targeted else "non-targeted"
+        lines.append(f"UAP {a._target_.rsplit('.', 1)[-1]} {kind}, {a.norm}, zeta={a.zeta}% (eps={m['eps']:.4g}, "
+                     f"norm {m['uap_norm']:.4g}), {m['uap_passes']} passes in {m['uap_seconds']:.1f} s")
+        key = "tsr" if targeted else "fr"
+        lines.append(f"{'split':<6} {'acc clean':>9} {'acc UAP':>8} {key.upper() + ' UAP':>8} {key.upper() + ' random':>11}")
+        for s in ("train", "test"):
+            lines.append(f"{s:<6} {m[f'{s}_acc_clean']:>9.3f} {m[f'{s}_acc_uap']:>8.3f} "
+                         f"{m[f'{s}_{key}']:>8.3f} {m[f'{s}_{key}_random']:>11.3f}")
+    return "\n".join(lines)

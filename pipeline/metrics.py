@@ -1,0 +1,77 @@
+"""Metrics on predicted class indices: accuracy, confusion, sensitivity / PPV, fooling and success rates.
+
+All functions take 1-D integer tensors of the same length (true labels or predictions).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def confusion(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts: rows = true class, columns = predicted class."""
+    idx = labels.long() * num_classes + preds.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def accuracy(labels: torch.Tensor, preds: torch.Tensor) -> float:
+    return (labels == preds).float().mean().item()
+
+
+def sensitivity_ppv(conf: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-class sensitivity (recall, TP / true count) and PPV (precision, TP / predicted count); 0 where undefined."""
+    tp = conf.diag().double()
+    true, pred = conf.sum(1).double(), conf.sum(0).double()
+    sens = torch.where(true > 0, tp / true.clamp(min=1), torch.zeros_like(tp))
+    ppv = torch.where(pred > 0, tp / pred.clamp(min=1), torch.zeros_like(tp))
+    return sens.tolist(), ppv.tolist()
+
+
+def fooling_rate(clean_preds: torch.Tensor, adv_preds: torch.Tensor) -> float:
+    """Fraction of images whose prediction changes when the perturbation is added (FR vs prediction)."""
+    return (clean_preds != adv_preds).float().mean().item()
+
+
+def fooling_rate_label(labels: torch.Tensor, adv_preds: torch.Tensor) -> float:
+    """Fraction of perturbed images predicted other than their true label (the authors' FR variant)."""
+    return (labels != adv_preds).float().mean().item()
+
+
+def success_rate(adv_preds: torch.Tensor, target: int) -> float:
+    """Targeted success rate: fraction of all images predicted as the target class."""
+    return (adv_preds == target).float().mean().item()
+
+
+def class_metrics(prefix: str, labels: torch.Tensor, preds: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
+    """`{prefix}_sens_{class}` and `{prefix}_ppv_{class}` for each class."""
+    sens, ppv = sensitivity_ppv(confusion(labels, preds, len(classes)))
+    out = {}
+    for c, s, p in zip(classes, sens, ppv):
+        out[f"{prefix}_sens_{c}"] = s
+        out[f"{prefix}_ppv_{c}"] = p
+    return out
+
+
+def attack_metrics(split: str, labels: torch.Tensor, preds: dict[str, torch.Tensor], classes: Sequence[str],
+                   target: int | None) -> dict[str, float]:
+    """The MLflow metrics of one split, from clean / uap / random predictions (names read by the report)."""
+    clean, uap, rnd = preds["clean"], preds["uap"], preds["random"]
+    m = {
+        f"{split}_acc_clean": accuracy(labels, clean),
+        f"{split}_acc_uap": accuracy(labels, uap),
+        f"{split}_acc_random": accuracy(labels, rnd),
+        f"{split}_fr": fooling_rate(clean, uap),
+        f"{split}_fr_label": fooling_rate_label(labels, uap),
+        f"{split}_fr_random": fooling_rate(clean, rnd),
+        f"{split}_fr_label_random": fooling_rate_label(labels, rnd),
+    }
+    if target is not None:
+        m[f"{split}_tsr"] = success_rate(uap, target)
+        m[f"{split}_tsr_random"] = success_rate(rnd, target)
+        m[f"{split}_tsr_clean"] = success_rate(clean, target)
+    for kind, p in preds.items():
+        m.update(class_metrics(f"{split}_{kind}", labels, p, classes))
+        for c, share in zip(classes, torch.bincount(p, minlength=len(classes)).float() / len(p)):
+            m[f"{split}_{kind}_share_{c}"] = share.item()
+    return m

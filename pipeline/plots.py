@@ -1,0 +1,68 @@
+"""Figures written as PNG: UAP images, example grids, confusion matrices."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_uap(uap: np.ndarray, path: Path, title: str = "UAP") -> Path:
+    """The UAP (H, W) on a symmetric diverging scale, with a colour bar in image units."""
+    lim = float(np.abs(uap).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    im = ax.imshow(uap, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def plot_confusion(conf: torch.Tensor | np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    conf = np.asarray(conf)
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    ax.imshow(conf, cmap="Blues")
+    for i in range(conf.shape[0]):
+        for j in range(conf.shape[1]):
+            ax.text(j, i, int(conf[i, j]), ha="center", va="center",
+                    color="white" if conf[i, j] > conf.max() / 2 else "black", fontsize=9)
+    ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_examples(images: torch.Tensor, uap: torch.Tensor, labels, clean_pred, adv_pred, classes: Sequence[str],
+                  path: Path, clip: bool = False, n: int = 6) -> Path:
+    """Clean (top row) vs perturbed (bottom row) images with true / clean / perturbed predictions."""
+    n = min(n, len(images))
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
+    for k in range(n):
+        clean = images[k, 0].numpy()
+        adv = clean + uap.numpy()
+        if clip:
+            adv = np.clip(adv, 0, 1)
+        for row, (img, pred) in enumerate(((clean, clean_pred[k]), (adv, adv_pred[k]))):
+            ax = axes[row, k]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+            fooled = row == 1 and int(adv_pred[k]) != int(clean_pred[k])
+            head = f"true {classes[int(labels[k])]}\n" if row == 0 else ""
+            ax.set_title(f"{head}{'clean' if row == 0 else 'UAP'}: {classes[int(pred)]}", fontsize=7,
+                         color="red" if fooled else "black")
+    return _save(fig, path)
