@@ -221,7 +221,7 @@ class UAPAttack(pl.LightningModule):
 class FGSMUAP(UAPAttack):
     """The paper's UAP algorithm with FGSM steps; `mode` faithful (one image at a time) or batched."""
 
-    def __init__(self, *args, mode: str = "batched", step_scales: Sequence[float] = (1.0, 0.25), **kw):
+    def __init__(self, *args, mode: str = "batched", step_scales: Sequence[float] = (8.0, 1.0), **kw):
         super().__init__(*args, **kw)
         if mode not in ("faithful", "batched"):
             raise ConfigError(f"attack.mode={mode!r}: expected 'faithful' or 'batched'")
@@ -272,18 +272,18 @@ class FGSMUAP(UAPAttack):
         todo = ~fooled
         if not todo.any():
             return
-        # candidates: the summed steps of the not-yet-fooled images (what applying each image's step
-        # in turn would give), at a few scales; keep the one that flips the most of those images
+        # candidates: the summed steps of the not-yet-fooled images (what taking each image's step in
+        # turn would give), at a few scales; keep the one that fools the most images of the batch,
+        # if it fools more than v does (images already fooled count too, so nothing is undone unseen)
         total = steps[todo].sum(0)
         cands = project(torch.stack([v + s * total for s in self.step_scales]), self.eps, self.norm)
-        xt, cpt = x[todo], cp[todo]
-        k = len(cands)
-        preds = self.classifier(self.perturb(xt.repeat(k, 1, 1, 1), cands.repeat_interleave(len(xt), 0))).argmax(1)
-        flips = self.is_fooled(preds.view(k, -1), cpt.expand(k, -1))
-        best = int(flips.sum(1).argmax())
-        if flips[best].any():
+        k, b = len(cands), len(x)
+        preds = self.classifier(self.perturb(x.repeat(k, 1, 1, 1), cands.repeat_interleave(b, 0))).argmax(1)
+        fools = self.is_fooled(preds.view(k, b), cp.expand(k, -1))
+        best = int(fools.sum(1).argmax())
+        if fools[best].sum() > fooled.sum():
             self.v.data.copy_(cands[best])
-            self.fooled[idx[todo]] = flips[best]
+            self.fooled[idx] = fools[best]
 
 
 class SGDUAP(UAPAttack):

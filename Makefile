@@ -1,0 +1,45 @@
+# uap-cxr: universal adversarial perturbations against chest X-ray classifiers.
+# `make install` then `make test` on a fresh machine; `make help` lists the rest.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+HOST    ?= 127.0.0.1
+PORT    ?= 5000
+ARGS    ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-full run sweep report bench transfer ui server clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+install:  ## create .venv and install the package with its test and bench extras
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	@$(PYTHON) -c "import torch, timm, pytorch_lightning, mlflow, hydra; print('installed: torch', torch.__version__, '| timm', timm.__version__, '| lightning', pytorch_lightning.__version__, '| mlflow', mlflow.__version__)"
+
+test:  ## the CI suite: unit tests, phantom end-to-end, real-data tests on ../shared/data/cxr3
+	$(BIN)/pytest -q tests $(ARGS)
+
+test-full:  ## everything, including tests marked slow
+	$(BIN)/pytest -q tests -m "" $(ARGS)
+
+run:  ## the main job on the phantom default (ARGS="data=cxr3 model=resnet18 ..." for others)
+	$(PYTHON) -m pipeline $(ARGS)
+
+sweep:  ## a sweep, e.g. make sweep ARGS="+sweep=norm_grid data=cxr3"
+	$(PYTHON) -m pipeline -m $(ARGS)
+
+report:  ## tables and figures from the MLflow store into outputs/report/
+	$(PYTHON) -m pipeline.report $(ARGS)
+
+ui:  ## MLflow UI on the local store (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
+
+server:  ## MLflow tracking server for parallel jobs (tracking=server); binds 127.0.0.1 unless HOST=...
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts --host $(HOST) --port $(PORT)
+
+clean:  ## remove run outputs, caches and the local MLflow store (keeps .venv)
+	rm -rf outputs mlruns mlartifacts mlflow.db .pytest_cache lightning_logs
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,71 @@
+"""Shared fixtures: config composition, a temporary project root, a subprocess runner, trained classifiers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+CXR3 = (ROOT / ".." / "shared" / "data" / "cxr3").resolve()
+
+# the fast phantom recipe the tests share: small images, the tiny model, few epochs
+FAST = ["trainer=fast", "trainer.max_epochs=20"]
+
+
+def make_cfg(overrides: list[str] = (), root: Path | None = None) -> DictConfig:
+    """Compose conf/config.yaml with overrides, as `python -m pipeline` would (minus hydra's runtime)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    if root is not None:
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(root)
+            cfg.paths.output_dir = str(root / "outputs" / "run")
+    return cfg
+
+
+def run_cli(args: list[str], root: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in a subprocess, with the project root (store, cache, outputs) at `root`."""
+    env = {**os.environ, "UAP_CXR_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def mlflow_runs(root: Path, experiment: str = "uap-cxr"):
+    """All runs of the store under `root`, as a pandas DataFrame."""
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    return mlflow.search_runs(experiment_names=[experiment], filter_string="", max_results=1000)
+
+
+@pytest.fixture(scope="session")
+def cxr3_root() -> Path:
+    """../shared/data/cxr3: skipped when absent, except under CI=true where it must be there."""
+    if not (CXR3 / "train.txt").is_file():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but the real data set is missing at {CXR3}")
+        pytest.skip(f"real data not found at {CXR3}")
+    return CXR3
+
+
+@pytest.fixture(scope="session")
+def phantom_model(tmp_path_factory):
+    """The tiny classifier trained once on the fast phantom recipe: (cfg, datamodule, classifier)."""
+    from hydra.utils import instantiate
+
+    from pipeline.classifier import train_or_load
+    root = tmp_path_factory.mktemp("phantom")
+    cfg = make_cfg(FAST, root)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    model, _ = train_or_load(cfg, dm)
+    return cfg, dm, model

@@ -1,0 +1,70 @@
+"""Configs: every option of every group composes and validates; bad values fail at start, naming the key."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF, make_cfg, run_cli
+from pipeline.config import validate
+from pipeline.errors import ConfigError
+
+GROUPS = ["data", "model", "optim", "trainer", "attack", "norm", "tracking"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    extra = ["data.root=/some/where"] if (group, option) == ("data", "covidx") else []
+    if (group, option) == ("model", "inception_v3"):
+        extra.append("data.image_size=96")
+    cfg = make_cfg([f"{group}={option}", *extra], tmp_path)
+    validate(cfg)
+    for key in ("data", "model", "optim", "trainer", "attack", "tracking"):
+        OmegaConf.to_container(cfg[key], resolve=True)  # every interpolation resolves
+    if group == "norm":
+        assert cfg.attack.norm == option
+
+
+@pytest.mark.parametrize("zeta", ["0.5", "1", "2", "4", "6", "8"])
+def test_zeta_on_the_command_line_sets_the_attack_strength(zeta, tmp_path):
+    assert make_cfg([f"zeta={zeta}"], tmp_path).attack.zeta == float(zeta)
+
+
+def test_paper_models_have_configs():
+    assert {"resnet18", "resnet50", "densenet121", "vgg16", "inception_v3", "tiny"} <= set(options("model"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("attack.zeta=0", "attack.zeta"), ("attack.zeta=150", "attack.zeta"), ("attack.zeta=-1", "attack.zeta"),
+    ("attack.norm=l1", "attack.norm"), ("attack.target=flu", "attack.target"), ("attack.max_iter=0", "attack.max_iter"),
+    ("data.image_size=16", "data.image_size"), ("trainer.max_epochs=-3", "trainer.max_epochs"),
+    ("task=dance", "task"),
+])
+def test_bad_values_fail_validation_naming_the_key(override, key, tmp_path):
+    cfg = make_cfg([override], tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_cli_help_and_cfg_job(tmp_path):
+    out = run_cli(["--help"], tmp_path).stdout
+    assert "uap-cxr" in out and "data: covidx, cxr3, phantom" in out and "+sweep=" in out
+    job = run_cli(["--cfg", "job", "model=resnet18", "zeta=4"], tmp_path).stdout
+    cfg = OmegaConf.create(job)
+    assert cfg.model.arch == "resnet18" and cfg.attack.zeta == 4.0
+
+
+def test_cli_bad_config_exits_with_a_clear_message_and_no_traceback(tmp_path):
+    proc = run_cli(["attack.zeta=0", "trainer=fast"], tmp_path, check=False)
+    assert proc.returncode == 2
+    text = proc.stdout + proc.stderr
+    assert "attack.zeta=0" in text and "(0, 100]" in text and "Traceback" not in text
+
+
+def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
+    proc = run_cli(["model=resnet999"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "resnet18" in proc.stderr and "densenet121" in proc.stderr

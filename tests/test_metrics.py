@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from pipeline.metrics import (accuracy, attack_metrics, confusion, fooling_rate, fooling_rate_label,
+                              sensitivity_ppv, success_rate)
+
+T = torch.tensor
+
+
+def test_confusion_rows_are_true_columns_predicted():
+    conf = confusion(T([0, 0, 1, 2, 2, 2]), T([0, 1, 1, 2, 0, 2]), 3)
+    assert conf.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_sensitivity_and_ppv_by_hand():
+    conf = T([[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    sens, ppv = sensitivity_ppv(conf)
+    assert sens == pytest.approx([1 / 2, 1 / 1, 2 / 3])
+    assert ppv == pytest.approx([1 / 2, 1 / 2, 2 / 2])
+
+
+def test_undefined_ppv_is_zero():
+    sens, ppv = sensitivity_ppv(confusion(T([0, 1]), T([0, 0]), 3))
+    assert ppv == [0.5, 0.0, 0.0] and sens == [1.0, 0.0, 0.0]
+
+
+def test_fooling_rates_and_success_rate():
+    labels = T([0, 0, 1, 1, 2])
+    clean = T([0, 1, 1, 1, 2])   # one clean error
+    adv = T([2, 1, 2, 1, 2])     # changed: idx 0, 2
+    assert fooling_rate(clean, adv) == pytest.approx(2 / 5)
+    assert fooling_rate_label(labels, adv) == pytest.approx(3 / 5)  # idx 0, 1, 2 differ from the label
+    assert success_rate(adv, 2) == pytest.approx(3 / 5)
+    assert accuracy(labels, clean) == pytest.approx(4 / 5)
+
+
+def test_attack_metric_names():
+    labels = T([0, 1, 2, 2])
+    preds = {"clean": T([0, 1, 2, 2]), "uap": T([2, 2, 2, 2]), "random": T([0, 1, 2, 1])}
+    m = attack_metrics("test", labels, preds, ["normal", "pneumonia", "COVID-19"], target=2)
+    assert m["test_acc_clean"] == 1.0 and m["test_acc_uap"] == 0.5 and m["test_acc_random"] == 0.75
+    assert m["test_fr"] == 0.5 and m["test_fr_random"] == 0.25
+    assert m["test_tsr"] == 1.0 and m["test_tsr_random"] == 0.25
+    assert m["test_uap_share_COVID-19"] == 1.0
+    assert m["test_uap_sens_normal"] == 0.0 and m["test_uap_ppv_COVID-19"] == 0.5
+    assert "test_tsr" not in attack_metrics("test", labels, preds, ["a", "b", "c"], target=None)

@@ -1,0 +1,80 @@
+"""End to end on the phantom default: `python -m pipeline` trains, attacks, logs everything to MLflow."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FAST, mlflow_runs, run_cli
+
+ARTIFACTS = {"uap.npy", "uap.png", "examples.png", "confusion_clean.png", "confusion_uap.png",
+             "confusion_random.png", "confusion_classifier.png", "metrics.json", "hydra"}
+METRICS = [f"{s}_{m}" for s in ("train", "test") for m in
+           ("acc_clean", "acc_uap", "acc_random", "fr", "fr_label", "fr_random")] + [
+    "uap_norm", "uap_seconds", "uap_passes", "eps", "test_acc", "val_acc"]
+
+
+def artifacts(run_id):
+    import mlflow
+    return {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    args = [*FAST, "zeta=4"]
+    first = run_cli(args, root)
+    second = run_cli(args, root)
+    return root, first, second
+
+
+def test_run_logs_params_metrics_artifacts_and_tags(two_runs):
+    root, first, _ = two_runs
+    runs = mlflow_runs(root).sort_values("start_time")
+    assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
+    run = runs.iloc[0]
+    for m in METRICS:
+        assert not np.isnan(run[f"metrics.{m}"]), m
+    assert run["params.model.arch"] == "test_resnet" and run["params.attack.norm"] == "linf"
+    assert float(run["params.attack.eps"]) == pytest.approx(run["metrics.eps"], rel=1e-6)
+    assert run["metrics.uap_norm"] <= run["metrics.eps"] * (1 + 1e-6)
+    assert run["tags.choice.model"] == "tiny" and run["tags.git_commit"]
+    assert ARTIFACTS <= artifacts(run["run_id"])
+    # the console summary
+    assert "result: test_resnet" in first.stderr + first.stdout and "FR random" in first.stderr + first.stdout
+
+
+def test_the_run_folder_holds_readable_outputs(two_runs):
+    root, _, _ = two_runs
+    folders = sorted((root / "outputs" / "runs").glob("*/*"))
+    out = folders[0]
+    uap = np.load(out / "uap.npy")
+    assert uap.dtype == np.float32 and uap.shape == (64, 64)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["uap_norm"] == pytest.approx(np.abs(uap).max(), rel=1e-5)
+    assert Image.open(out / "uap.png").size[0] > 100
+    assert (out / ".hydra" / "config.yaml").is_file()
+
+
+def test_second_identical_run_hits_the_classifier_cache(two_runs):
+    root, first, second = two_runs
+    runs = mlflow_runs(root).sort_values("start_time")
+    assert list(runs["tags.classifier_cache"]) == ["trained", "hit"]
+    assert "loaded from cache" in second.stderr + second.stdout
+    assert runs.iloc[0]["metrics.test_acc"] == runs.iloc[1]["metrics.test_acc"]
+    assert runs.iloc[0]["metrics.test_fr"] == runs.iloc[1]["metrics.test_fr"]  # deterministic on CPU
+
+
+def test_phantom_default_recipe_is_learnable(two_runs):
+    root, _, _ = two_runs
+    acc = mlflow_runs(root).iloc[0]["metrics.test_acc"]
+    assert acc >= 0.90, acc
+
+
+def test_a_failed_run_is_marked_failed_and_keeps_what_was_logged(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli(["data=covidx", f"data.root={tmp_path / 'empty'}", "trainer=fast"], tmp_path, check=False)
+    assert proc.returncode == 2 and "label file not found" in proc.stderr + proc.stdout
+    run = mlflow_runs(tmp_path).iloc[0]
+    assert run["status"] == "FAILED" and "label file not found" in run["tags.error"]
+    assert run["params.data.root"] == str(tmp_path / "empty")
