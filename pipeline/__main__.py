@@ -7,6 +7,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import UserError
 
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics = run(cfg)
-    except UserError as e:
+    except (UserError, OmegaConfBaseException) as e:
         # a user error: one clear line, no traceback (HYDRA_FULL_ERROR=1 shows it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import plots, tracking
+from pipeline import plots, sweep, tracking
 from pipeline.attack import RandomUAP, UAPAttack, lp_norms, random_uap, zeta_to_eps
 from pipeline.classifier import classifier_key, train_or_load
 from pipeline.config import validate
@@ -34,7 +34,9 @@ def device_for(cfg: DictConfig) -> torch.device:
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
-    tags = {"config_hash": classifier_key(cfg), "task": cfg.task}
+    tags = {"config_hash": classifier_key(cfg), "job_hash": sweep.job_hash(cfg), "task": cfg.task}
+    if cfg.get("sweep_name"):
+        tags["sweep"] = cfg.sweep_name
     try:
         from hydra.core.hydra_config import HydraConfig
         hc = HydraConfig.get()
@@ -59,13 +61,23 @@ def mlflow_logger(run_id: str, cfg: DictConfig):
     return MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=run_id)
 
 
-def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
-    """Run one experiment and return its metrics (also logged to MLflow and written to metrics.json)."""
-    validate(cfg)
+def run(cfg: DictConfig) -> dict:
+    """Run one experiment and return its metrics (also logged to MLflow and written to metrics.json).
+
+    Inside a sweep (a parent run is open), a job whose identical config already has a FINISHED run in
+    the store is skipped (`resume: true`), so re-running a sweep only runs what is missing or failed.
+    """
+    parent_run_id = sweep.parent_run_id()
+    if parent_run_id and cfg.get("resume", True):
+        done = sweep.finished_run(tracking.setup(cfg.tracking), sweep.job_hash(cfg))
+        if done:
+            log.info("skipped: this job's config already has a FINISHED run (%s)", done)
+            return dict(tracking.mlflow.get_run(done).data.metrics)
     out = output_dir(cfg)
     name = f"{cfg.model.arch}-{cfg.task}" + (f"-{cfg.attack._target_.rsplit('.', 1)[-1]}-{cfg.attack.norm}-z{cfg.attack.zeta}"
                                              f"-{cfg.attack.target or 'nontargeted'}" if cfg.task == "attack" else "")
     with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg), parent_run_id=parent_run_id) as mlrun:
+        validate(cfg)  # a bad value fails here, before any work, and the run is marked FAILED with it
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir():
             tracking.mlflow.log_artifacts(str(hydra_dir), "hydra")

@@ -1,0 +1,100 @@
+"""Sweeps: parent and child runs in MLflow, one classifier per sweep, resume, failures, joblib, the report."""
+import csv
+
+import pytest
+
+from conftest import mlflow_runs, run_cli
+
+STEP2 = ["metrics.test_fr", "metrics.train_fr", "metrics.test_fr_random", "metrics.uap_norm", "metrics.eps"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    first = run_cli(["+sweep=smoke", "-m"], root)
+    runs_after_first = mlflow_runs(root)
+    second = run_cli(["+sweep=smoke", "-m"], root)
+    return root, runs_after_first, first, second
+
+
+def children(runs):
+    return runs[runs["tags.mlflow.parentRunId"].notna()]
+
+
+def test_smoke_sweep_has_one_parent_and_four_finished_children(smoke):
+    root, runs, _, _ = smoke
+    parents = runs[runs["tags.role"] == "parent"]
+    kids = children(runs)
+    assert len(parents) == 1 and len(kids) == 4
+    assert set(kids["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+    assert set(kids["status"]) == {"FINISHED"} and parents.iloc[0]["status"] == "FINISHED"
+    assert set(kids["tags.sweep"]) == {"smoke"}
+    assert sorted(zip(kids["params.attack.norm"], kids["params.attack.zeta"].astype(float))) == [
+        ("l2", 2.0), ("l2", 4.0), ("linf", 2.0), ("linf", 4.0)]
+    for col in STEP2:
+        assert kids[col].notna().all(), col
+    assert all("norm=" in o and "zeta=" in o for o in kids["tags.overrides"])
+
+
+def test_smoke_sweep_trains_the_classifier_once(smoke):
+    _, runs, _, _ = smoke
+    assert sorted(children(runs)["tags.classifier_cache"]) == ["hit", "hit", "hit", "trained"]
+
+
+def test_rerunning_the_sweep_adds_no_run(smoke):
+    root, runs, _, second = smoke
+    assert len(mlflow_runs(root)) == len(runs)
+    assert (second.stdout + second.stderr).count("skipped: this job's config already has a FINISHED run") == 4
+
+
+def test_parent_run_gets_the_sweep_config_and_a_summary(smoke):
+    import mlflow
+    _, runs, _, _ = smoke
+    parent = runs[runs["tags.role"] == "parent"].iloc[0]
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(parent["run_id"])}
+    assert {"summary.md", "summary.json", "sweep_config.yaml"} <= names
+    assert parent["params.sweeper.norm"] == "linf,l2"
+
+
+def test_a_failing_job_is_failed_and_the_others_finish(smoke):
+    root, before, _, _ = smoke
+    proc = run_cli(["+sweep=smoke", "norm=linf", "zeta=3,250", "-m"], root, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = mlflow_runs(root)
+    new = runs[~runs["run_id"].isin(before["run_id"])]
+    kids = children(new)
+    assert len(kids) == 2
+    failed = kids[kids["status"] == "FAILED"]
+    assert len(failed) == 1 and "attack.zeta=250" in failed.iloc[0]["tags.error"]
+    assert set(kids["status"]) == {"FAILED", "FINISHED"}
+    # a rerun retries the failed job only (and fails again the same way); the finished one is skipped
+    again = run_cli(["+sweep=smoke", "norm=linf", "zeta=3,250", "-m"], root, check=False)
+    assert (again.stdout + again.stderr).count("skipped") == 1
+
+
+def test_joblib_launcher_with_two_workers_loses_no_run(tmp_path):
+    run_cli(["+sweep=smoke", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "-m"], tmp_path)
+    runs = mlflow_runs(tmp_path)
+    kids = children(runs)
+    assert len(runs) == 5 and len(kids) == 4 and set(kids["status"]) == {"FINISHED"}
+    assert sorted(kids["tags.classifier_cache"]).count("trained") == 1  # the other worker waited for it
+
+
+def test_report_tables_equal_the_logged_metrics(smoke, tmp_path):
+    root, runs, _, _ = smoke
+    out = tmp_path / "report"
+    from pipeline.report import main
+    parent = runs[runs["tags.role"] == "parent"].iloc[0]["run_id"]
+    assert main(["--tracking-uri", f"sqlite:///{root}/mlflow.db", "--sweep", parent, "--out", str(out)]) == 0
+    for f in ("results.csv", "results.md", "fr_vs_zeta.png", "uaps.png"):
+        assert (out / f).stat().st_size > 0, f
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4
+    kids = children(runs).set_index("run_id")
+    for r in rows:
+        run = kids.loc[r["run_id"]]
+        assert r["metric"] == "FR" and r["norm"] == run["params.attack.norm"]
+        for col, metric in (("train", "train_fr"), ("test", "test_fr"), ("test_random", "test_fr_random")):
+            assert float(r[col]) == pytest.approx(run[f"metrics.{metric}"], abs=1e-9)
+    md = (out / "results.md").read_text()
+    assert md.count("\n") == 6 and "test random" in md
