@@ -1,0 +1,349 @@
+"""`python -m pipeline.bench` (`make bench`): UAP generation side by side with ART, in one process.
+
+Same frozen classifier (the step-1 cache: a small timm model at 128 px trained on ../shared/data/cxr3
+when present, else on phantom data), same input set, same norm / eps / FGSM step / delta / max_iter and
+seed for every row:
+
+- ART UniversalPerturbation / TargetedUniversalPerturbation with the FGSM attacker (the authors' tool);
+- our fgsm_uap faithful mode, batched mode, and sgd_uap;
+- the floor: one batched forward+backward pass over the input set, times the passes each row used.
+
+After every pass the exact input-set fooling rate is recorded (for our rows outside the clock), which
+gives the time at which each of our rows first reached ART's final fooling rate.
+
+    python -m pipeline.bench                  # 256 images, the full comparison (minutes on a CPU)
+    python -m pipeline.bench --quick          # a few dozen images, 2 passes (the test uses this)
+    python -m pipeline.bench --device cuda    # on a GPU (ART on the same GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("pipeline.bench")
+ROOT = Path(__file__).resolve().parents[1]
+CXR3 = ROOT.parent / "shared" / "data" / "cxr3"
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float
+    passes: int
+    fr_input: float
+    fr_test: float
+    norm_ratio: float
+    rss_mb: float
+    history: list = field(default_factory=list)  # (seconds, exact input-set FR) after each pass
+    reach: float | None = None  # seconds until the input-set FR first reached ART's final one
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self) -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def load_setup(args):
+    """The cached classifier and data, through the pipeline's own config and cache."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from pipeline.classifier import train_or_load
+    real = args.data == "cxr3" or (args.data == "auto" and (CXR3 / "train.txt").is_file())
+    overrides = [f"model={args.model}", f"seed={args.seed}", "trainer.enable_progress_bar=false"]
+    overrides += [f"data=cxr3", f"data.root={CXR3}", "data.image_size=128"] if real else ["data=phantom", "data.image_size=128"]
+    if args.device == "cuda":
+        overrides.append("trainer=gpu")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    model, _ = train_or_load(cfg, dm)
+    return cfg, dm, model.net.eval()
+
+
+def floor_seconds(net, x, batch_size, device) -> float:
+    """One batched forward+backward pass (gradient w.r.t. the input) over x; the best of two."""
+    best = float("inf")
+    for _ in range(2):
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device).requires_grad_(True)
+            out = net(xb)
+            g, = torch.autograd.grad(F.cross_entropy(out, out.argmax(1)), xb)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def fr_of(net, x, v, clean, target, device) -> float:
+    from pipeline.evaluate import predict
+    from pipeline.data import GrayDataset
+    ds = GrayDataset((x[:, :1] * 255).round().to(torch.uint8), torch.zeros(len(x), dtype=torch.long))
+    p = predict(net, ds, {"v": v}, device=device)["v"]
+    return (p == target).float().mean().item() if target is not None else (p != clean).float().mean().item()
+
+
+def run_art(net, x, eps, args, target, n_classes, device) -> Row:
+    from art.attacks.evasion import TargetedUniversalPerturbation, UniversalPerturbation
+    from art.estimators.classification import PyTorchClassifier
+    clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                            nb_classes=n_classes, device_type="gpu" if device.type == "cuda" else "cpu")
+    xn = x.numpy()
+    n = len(xn)
+    clean = np.argmax(clf.predict(xn, batch_size=128), 1)
+    # the per-pass fooling rate: ART predicts the whole set once per pass; record it there
+    history, t0 = [], [0.0]
+    orig_predict = clf.predict
+
+    def predict(xs, batch_size=128, **kw):
+        out = orig_predict(xs, batch_size=batch_size, **kw)
+        if len(xs) == n and t0[0]:
+            y = np.argmax(out, 1)
+            fr = float(np.mean(y == target)) if target is not None else float(np.mean(y != clean))
+            history.append((time.perf_counter() - t0[0], fr))
+        return out
+    clf.predict = predict
+    params = {"eps": args.step, "norm": np.inf}
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    if target is None:
+        atk = UniversalPerturbation(clf, attacker="fgsm", attacker_params=params, delta=args.delta,
+                                    max_iter=args.max_iter, eps=eps, norm=np.inf, batch_size=args.batch_size, verbose=False)
+        y = np.eye(n_classes, dtype=np.float32)[clean]  # the clean predictions, as ART computes them for y=None
+    else:
+        atk = TargetedUniversalPerturbation(clf, attacker="fgsm", attacker_params={**params, "targeted": True},
+                                            delta=args.delta, max_iter=args.max_iter, eps=eps, norm=np.inf)
+        y = np.eye(n_classes, dtype=np.float32)[np.full(n, target)]
+    with PeakRSS() as mem:
+        t0[0] = time.perf_counter()
+        atk.generate(xn, y=y)
+        seconds = time.perf_counter() - t0[0]
+    noise = torch.from_numpy(np.asarray(atk.noise))[0]  # (3, H, W): ART's UAP is not averaged over channels
+    row = Row("ART " + type(atk).__name__, seconds, len(history), history[-1][1] if history else float("nan"),
+              float("nan"), noise.abs().max().item() / eps, mem.peak, history)
+    return row, noise
+
+
+def run_ours(name, cls, net, x, y, eps, args, target, classes, device, **kw) -> Row:
+    common = dict(classifier=net, image_size=x.shape[-1], classes=classes, norm="linf", zeta=args.zeta, eps=eps,
+                  step=args.step, target=None if target is None else classes[target], max_iter=args.max_iter,
+                  delta=args.delta, batch_size=args.batch_size, record_fr=True)
+    atk = cls(**{**common, **kw})
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        v = atk.make(x, y, trainer_kwargs={"accelerator": "gpu" if device.type == "cuda" else "cpu",
+                                           "enable_progress_bar": False}, seed=args.seed)
+        seconds = time.perf_counter() - t0
+    hist = [(h["seconds"], h["fr_exact"]) for h in atk.history]
+    seconds -= atk.unclocked  # the measurement-only passes are not the method's time
+    return Row(name, seconds, atk.passes, hist[-1][1] if hist else float("nan"), float("nan"),
+               v.abs().max().item() / eps, mem.peak, hist), v
+
+
+def bench(args) -> tuple[list[Row], dict]:
+    from pipeline.attack import FGSMUAP, SGDUAP, zeta_to_eps
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    cfg, dm, net = load_setup(args)
+    net = net.to(device)
+    train, test = dm.dataset("train"), dm.dataset("test")
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_images].sort().values
+    x, y = train.subset(idx).tensors()
+    xt, _ = test.tensors()
+    eps = zeta_to_eps(x[:, :1], args.zeta, "linf")
+    from pipeline.evaluate import predict
+    clean_test = predict(net, test, {"c": None}, device=device)["c"]
+    floor = floor_seconds(net, x, args.batch_size, device)
+    info = {"data": cfg.data._target_.rsplit(".", 1)[-1] + (" (cxr3)" if "Covidx" in cfg.data._target_ else ""),
+            "model": cfg.model.arch, "image_size": dm.image_size, "n_images": len(x), "eps": eps, "floor": floor,
+            "device": str(device), "clean_test_acc": (clean_test == test.labels).float().mean().item()}
+    tables = {}
+    for target_name in [None] + ([] if args.non_targeted_only else [args.target]):
+        target = None if target_name is None else dm.classes.index(target_name)
+        art, art_v = run_art(net, x, eps, args, target, dm.num_classes, device)
+        rows, vs = [art], {art.name: art_v}
+        for name, cls, kw in [("fgsm_uap faithful", FGSMUAP, dict(mode="faithful", exact_fr=True)),
+                              ("fgsm_uap batched", FGSMUAP, dict(mode="batched")),
+                              ("sgd_uap", SGDUAP, {})]:
+            row, vs[name] = run_ours(name, cls, net, x, y, eps, args, target, dm.classes, device, **kw)
+            rows.append(row)
+        for r in rows:
+            r.fr_test = fr_of(net, xt, vs[r.name], clean_test, target, device)
+            if r is not art:
+                r.reach = next((t for t, fr in r.history if fr is not None and fr >= art.fr_input), None)
+        tables["non-targeted" if target_name is None else f"targeted ({target_name})"] = rows
+    info["eval_ratio"] = eval_throughput(net, test, eps, device)
+    return tables, info
+
+
+def eval_throughput(net, ds, eps, device) -> float:
+    """Evaluation (clean + UAP + random in one pass) vs the raw forward over the same 3 x N images."""
+    from pipeline.evaluate import predict
+    v = torch.full((1, ds.images.shape[-2], ds.images.shape[-1]), eps)
+    x = ds.tensors()[0]
+    best_raw = best_eval = float("inf")
+    for _ in range(2):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(x), 128):
+                xb = x[i:i + 128].to(device)
+                net(torch.cat([xb, xb, xb]))
+        sync(device)
+        best_raw = min(best_raw, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        predict(net, ds, {"clean": None, "uap": v, "random": -v}, device=device)
+        sync(device)
+        best_eval = min(best_eval, time.perf_counter() - t0)
+    return best_raw / best_eval
+
+
+def fmt_table(rows: list[Row], floor: float, n: int) -> str:
+    head = ["method", "seconds", "passes", "images/s", "s per pass / floor", "FR input", "FR test",
+            "UAP norm / eps", "peak RSS (MB)", "reached ART's input FR at (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        per_pass = r.seconds / max(r.passes, 1)
+        reach = "(ART itself)" if r.name.startswith("ART") else ("never" if r.reach is None else f"{r.reach:.1f}")
+        lines.append(f"| {r.name} | {r.seconds:.1f} | {r.passes} | {n * max(r.passes, 1) / r.seconds:.0f} | "
+                     f"{per_pass / floor:.2f} | {r.fr_input:.3f} | {r.fr_test:.3f} | {r.norm_ratio:.4f} | "
+                     f"{r.rss_mb:.0f} | {reach} |")
+    lines.append(f"| floor (1 batched fwd+bwd pass) x passes | {floor:.2f} per pass | | {n / floor:.0f} | 1.00 | | | | | |")
+    return "\n".join(lines)
+
+
+def speedup_line(rows: list[Row]) -> str:
+    art = rows[0]
+    reached = [r for r in rows[1:] if r.reach is not None]
+    if not reached:
+        best = max(rows[1:], key=lambda r: r.fr_input)
+        return (f"bench: speedup_to_art_fr=none method={best.name.replace(' ', '_')} fr_ours={best.fr_test:.3f} "
+                f"fr_art={art.fr_test:.3f} (no method of ours reached ART's input-set FR {art.fr_input:.3f})")
+    best = min(reached, key=lambda r: r.reach)
+    return (f"bench: speedup_to_art_fr={art.seconds / max(best.reach, 1e-9):.1f} method={best.name.replace(' ', '_')} "
+            f"fr_ours={best.fr_test:.3f} fr_art={art.fr_test:.3f}")
+
+
+def versions() -> str:
+    import art
+    import pytorch_lightning
+    import timm
+    return (f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"lightning {pytorch_lightning.__version__}, adversarial-robustness-toolbox {art.__version__}")
+
+
+def machine(device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    if str(device).startswith("cuda"):
+        desc += f", GPU {torch.cuda.get_device_name(0)}"
+    return desc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few dozen images and 2 passes (a smoke test)")
+    ap.add_argument("--n-images", type=int, default=256, help="input-set size (default 256 training images)")
+    ap.add_argument("--max-iter", type=int, default=15, help="passes at most (the paper: 15)")
+    ap.add_argument("--zeta", type=float, default=2.0, help="UAP strength in percent (default 2)")
+    ap.add_argument("--step", type=float, default=0.001, help="FGSM step, L-inf (the paper: 0.001)")
+    ap.add_argument("--delta", type=float, default=0.2, help="stop at fooling rate >= 1 - delta (ART default 0.2)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--target", default="COVID-19", help="target class of the targeted rows")
+    ap.add_argument("--non-targeted-only", action="store_true")
+    ap.add_argument("--model", default="tiny", help="model config (conf/model), trained once and cached")
+    ap.add_argument("--data", default="auto", choices=["auto", "cxr3", "phantom"],
+                    help="auto: cxr3 when ../shared/data/cxr3 is present, else phantom")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--seed", type=int, default=42, help="seed (42: the pipeline's default, so the cached classifier is reused)")
+    ap.add_argument("--out", default=None, help="markdown file for the tables (default docs/benchmarks.md; "
+                                                "--quick: none)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n_images, args.max_iter = min(args.n_images, 48), 2
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    tables, info = bench(args)
+    cmd = "python -m pipeline.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    parts = [f"Machine: {machine(args.device)}; {versions()}.",
+             f"Classifier: {info['model']} on {info['data']}, {info['image_size']} px, clean test accuracy "
+             f"{info['clean_test_acc']:.3f}; input set {info['n_images']} training images; L-inf zeta {args.zeta} % "
+             f"(eps {info['eps']:.5f}), FGSM step {args.step}, delta {args.delta}, max_iter {args.max_iter}, "
+             f"batch {args.batch_size}, seed {args.seed}, device {info['device']}.", ""]
+    for name, rows in tables.items():
+        parts += [f"#### {name}", "", fmt_table(rows, info["floor"], info["n_images"]), ""]
+    parts.append(f"Evaluation (clean + UAP + random in one batched pass) runs at {info['eval_ratio']:.2f}x the "
+                 f"model's raw forward throughput on the same images.")
+    text = "\n".join(parts)
+    print(text)
+    out = args.out or (None if args.quick else str(ROOT / "docs" / "benchmarks.md"))
+    if out:
+        write_doc(Path(out), cmd, text)
+    print(speedup_line(tables["non-targeted"]))
+    return 0
+
+
+def write_doc(path: Path, cmd: str, text: str) -> None:
+    """Replace (or add) the section of this command's device in the benchmark document."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    marker = f"<!-- bench: {cmd} -->"
+    body = f"{marker}\n### `{cmd}` ({time.strftime('%Y-%m-%d')})\n\n{text}\n<!-- end -->\n"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if marker in doc:
+        start = doc.index(marker)
+        end = doc.index("<!-- end -->", start) + len("<!-- end -->\n")
+        doc = doc[:start] + body + doc[end:]
+    else:
+        doc += "\n" + body
+    path.write_text(doc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
