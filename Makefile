@@ -9,7 +9,7 @@ PORT    ?= 5000
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full run sweep report bench transfer ui server clean
+.PHONY: help install test test-full run sweep report bench transfer defense min-zeta ui server clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,18 @@ sweep:  ## a sweep, e.g. make sweep ARGS="+sweep=norm_grid data=cxr3"
 
 report:  ## tables and figures from the MLflow store into outputs/report/
 	$(PYTHON) -m pipeline.report $(ARGS)
+
+bench:  ## UAP generation side by side with ART (writes docs/benchmarks.md; ARGS="--quick" for a smoke run)
+	$(PYTHON) -m pipeline.bench $(ARGS)
+
+transfer:  ## transferability matrix of UAPs across models (ARGS="transfer.models=[tiny,resnet18] data=cxr3")
+	$(PYTHON) -m pipeline.transfer $(ARGS)
+
+defense:  ## UAP adversarial fine-tuning rounds (ARGS="defense.rounds=5 data=cxr3")
+	$(PYTHON) -m pipeline defense=uap_finetune $(ARGS)
+
+min-zeta:  ## smallest zeta reaching a target FR, by bisection (ARGS="min_zeta.target_fr=0.8 data=cxr3")
+	$(PYTHON) -m pipeline task=min_zeta $(ARGS)
 
 ui:  ## MLflow UI on the local store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)

@@ -23,12 +23,11 @@ def is_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    from pipeline.experiment import run  # heavy imports after Hydra has parsed the command line
-
+def guarded(task, cfg: DictConfig):
+    """Run a task: a user error prints one clear line and exits 2 (no traceback unless HYDRA_FULL_ERROR=1);
+    inside a multirun a failing job is logged (and FAILED in MLflow) and the sweep goes on."""
     try:
-        metrics = run(cfg)
+        return task(cfg)
     except (UserError, OmegaConfBaseException) as e:
         # a user error: one clear line, no traceback (HYDRA_FULL_ERROR=1 shows it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -42,7 +41,14 @@ def main(cfg: DictConfig) -> float | None:
             log.exception("job failed; the sweep continues")
             return None
         raise
-    return metrics.get("test_fr", metrics.get("test_acc"))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from pipeline.experiment import run  # heavy imports after Hydra has parsed the command line
+
+    metrics = guarded(run, cfg)
+    return None if metrics is None else metrics.get("test_fr", metrics.get("test_acc"))
 
 
 if __name__ == "__main__":

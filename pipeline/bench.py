@@ -158,6 +158,8 @@ def run_art(net, x, eps, args, target, n_classes, device) -> Row:
         t0[0] = time.perf_counter()
         atk.generate(xn, y=y)
         seconds = time.perf_counter() - t0[0]
+    if target is not None and history:
+        history.pop(0)  # TargetedUniversalPerturbation predicts the whole set once before its first pass
     noise = torch.from_numpy(np.asarray(atk.noise))[0]  # (3, H, W): ART's UAP is not averaged over channels
     row = Row("ART " + type(atk).__name__, seconds, len(history), history[-1][1] if history else float("nan"),
               float("nan"), noise.abs().max().item() / eps, mem.peak, history)
@@ -174,6 +176,7 @@ def run_ours(name, cls, net, x, y, eps, args, target, classes, device, **kw) -> 
         v = atk.make(x, y, trainer_kwargs={"accelerator": "gpu" if device.type == "cuda" else "cpu",
                                            "enable_progress_bar": False}, seed=args.seed)
         seconds = time.perf_counter() - t0
+    net.to(device)  # Lightning's teardown moves the fitted module back to the CPU
     hist = [(h["seconds"], h["fr_exact"]) for h in atk.history]
     seconds -= atk.unclocked  # the measurement-only passes are not the method's time
     return Row(name, seconds, atk.passes, hist[-1][1] if hist else float("nan"), float("nan"),

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from pipeline.attack import NORMS
 from pipeline.errors import ConfigError
 
-TASKS = ("train", "attack")
+TASKS = ("train", "attack", "min_zeta")
 
 
 def validate(cfg: DictConfig) -> None:

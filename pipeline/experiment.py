@@ -76,6 +76,8 @@ def run(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     name = f"{cfg.model.arch}-{cfg.task}" + (f"-{cfg.attack._target_.rsplit('.', 1)[-1]}-{cfg.attack.norm}-z{cfg.attack.zeta}"
                                              f"-{cfg.attack.target or 'nontargeted'}" if cfg.task == "attack" else "")
+    if cfg.get("defense"):
+        name += "-defense"
     with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg), parent_run_id=parent_run_id) as mlrun:
         validate(cfg)  # a bad value fails here, before any work, and the run is marked FAILED with it
         hydra_dir = out / ".hydra"
@@ -91,6 +93,12 @@ def run(cfg: DictConfig) -> dict:
         metrics = classifier_metrics(model, dm, out, device)
         if cfg.task == "attack":
             metrics.update(attack(cfg, dm, model.net, out, device))
+            if cfg.get("defense"):
+                from pipeline.defense import run_defense
+                metrics.update(run_defense(cfg, dm, model, out, device))
+        elif cfg.task == "min_zeta":
+            from pipeline.minzeta import search
+            metrics.update(search(cfg, dm, model.net, out, device, mlrun.info.run_id))
         tracking.log_metrics(metrics)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         tracking.log_artifact(out / "metrics.json")
@@ -136,27 +144,39 @@ def load_uap(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32)).view(1, size, size)
 
 
-def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[str, float]:
-    """Make (or load) the UAP on the input set, evaluate it and its random control on train and test."""
+def build_attack(cfg: DictConfig, dm: CXRDataModule, net, zeta: float | None = None) -> tuple[UAPAttack, torch.Tensor, torch.Tensor]:
+    """The configured attack against `net`, with eps set from its input set; and that input set (x, y)."""
     a = OmegaConf.to_container(cfg.attack, resolve=True)
-    uap_file = a.pop("uap_file", None)
+    a.pop("uap_file", None)
     a.pop("_target_")
+    if zeta is not None:
+        a["zeta"] = zeta
     cls = instantiate({"_target_": cfg.attack._target_, "_partial_": True})
-    inputs = input_set(cfg, dm)
-    x_in, y_in = inputs.tensors()
+    x_in, y_in = input_set(cfg, dm).tensors()
     atk: UAPAttack = cls(classifier=net, image_size=dm.image_size, classes=dm.classes, **a)
     atk.eps = zeta_to_eps(x_in[:, :1], atk.zeta, atk.norm)
-    tracking.mlflow.log_params({"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": len(inputs)})
+    return atk, x_in, y_in
+
+
+def make_uap(cfg: DictConfig, dm: CXRDataModule, net, device, zeta: float | None = None) -> tuple[UAPAttack, torch.Tensor, float]:
+    """Make the configured UAP against `net` on its input set: (attack, uap (1, H, W), seconds)."""
+    atk, x_in, y_in = build_attack(cfg, dm, net, zeta)
+    trainer_kw = {"accelerator": "gpu" if device.type == "cuda" else "cpu",
+                  "enable_progress_bar": bool(cfg.trainer.get("enable_progress_bar", True))}
     t0 = time.perf_counter()
-    if uap_file:
-        uap = load_uap(uap_file, dm.image_size)
-        passes = 0
+    uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kw, seed=cfg.seed)
+    return atk, uap, time.perf_counter() - t0
+
+
+def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[str, float]:
+    """Make (or load) the UAP on the input set, evaluate it and its random control on train and test."""
+    if cfg.attack.get("uap_file"):
+        atk, x_in, _ = build_attack(cfg, dm, net)
+        uap, seconds = load_uap(cfg.attack.uap_file, dm.image_size), 0.0
     else:
-        trainer_kw = {"accelerator": "gpu" if device.type == "cuda" else "cpu",
-                      "enable_progress_bar": bool(cfg.trainer.get("enable_progress_bar", True))}
-        uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kw, seed=cfg.seed)
-        passes = atk.passes
-    seconds = time.perf_counter() - t0
+        atk, uap, seconds = make_uap(cfg, dm, net, device)
+    passes = atk.passes if not cfg.attack.get("uap_file") else 0
+    tracking.mlflow.log_params({"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": len(input_set(cfg, dm))})
     rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 1))
     if isinstance(atk, RandomUAP):  # the control of a random "attack" is another random draw
         rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 2))
@@ -189,6 +209,9 @@ def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[s
 def summary(cfg: DictConfig, m: dict, classes) -> str:
     lines = [f"result: {cfg.model.arch} on {cfg.data._target_.rsplit('.', 1)[-1]} "
              f"({cfg.data.image_size} px), clean test accuracy {m['test_acc']:.3f}"]
+    if cfg.task == "min_zeta":
+        lines.append(f"min_zeta: smallest zeta reaching test FR {m['min_zeta_target_fr']:.2f}: {m['min_zeta']:g}% "
+                     f"(largest probed zeta below it: {m['min_zeta_below']:g}%, {m['min_zeta_probes']} probes)")
     if cfg.task == "attack":
         a = cfg.attack
         targeted = a.target is not None

@@ -66,3 +66,37 @@ def plot_examples(images: torch.Tensor, uap: torch.Tensor, labels, clean_pred, a
             ax.set_title(f"{head}{'clean' if row == 0 else 'UAP'}: {classes[int(pred)]}", fontsize=7,
                          color="red" if fooled else "black")
     return _save(fig, path)
+
+
+def plot_defense(history: list[dict], key: str, path: Path) -> Path:
+    """Clean accuracy and FR / TSR of the previous and of a fresh UAP vs the fine-tuning round."""
+    r = [h["round"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(r, [h["defense_acc_clean"] for h in history], "o-", label="clean accuracy")
+    ax.plot(r, [h[f"defense_{key}_fresh"] for h in history], "s-", label=f"{key.upper()} of a fresh UAP")
+    ax.plot(r[1:], [h[f"defense_{key}_prev"] for h in history][1:], "^--", label=f"{key.upper()} of the round's UAP")
+    ax.set_xlabel("fine-tuning round")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(r)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("UAP adversarial fine-tuning (test)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: Path, title: str,
+                xlabel: str, ylabel: str) -> Path:
+    """A heatmap with the values written in the cells (e.g. the transferability matrix)."""
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2.5, 1.0 * len(rows) + 1.8))
+    im = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
+                    color="black" if matrix[i, j] > 0.5 else "white", fontsize=9)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)

@@ -80,7 +80,7 @@ def start_run(cfg: DictConfig, run_name: str | None = None, tags: dict | None = 
     all_tags = {"git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags)
+    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags, nested=parent_run_id is not None)
     try:
         mlflow.log_params(config_params(cfg))
         yield run

@@ -29,14 +29,15 @@ def make_cfg(overrides: list[str] = (), root: Path | None = None) -> DictConfig:
     return cfg
 
 
-def run_cli(args: list[str], root: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` in a subprocess, with the project root (store, cache, outputs) at `root`."""
+def run_cli(args: list[str], root: Path, check: bool = True, timeout: int = 600,
+            module: str = "pipeline") -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in a subprocess, with the project root (store, cache, outputs) at `root`."""
     env = {**os.environ, "UAP_CXR_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"pipeline {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 

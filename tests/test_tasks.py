@@ -1,0 +1,60 @@
+"""Beyond the attack: UAP adversarial fine-tuning, the transferability matrix, the minimal zeta."""
+import json
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import FAST, mlflow_runs, run_cli
+
+ATTACK = ["attack=sgd_uap", "attack.max_iter=3", "zeta=4"]
+
+
+def history(run_id, key):
+    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+def test_defense_lowers_the_fresh_uap_fooling_rate_and_keeps_accuracy(tmp_path):
+    run_cli([*FAST, *ATTACK, "defense=uap_finetune", "defense.rounds=2", "defense.epochs=10"], tmp_path)
+    run = mlflow_runs(tmp_path).iloc[0]
+    acc, fresh = history(run["run_id"], "defense_acc_clean"), history(run["run_id"], "defense_fr_fresh")
+    prev = history(run["run_id"], "defense_fr_prev")
+    assert sorted(acc) == [0, 1, 2] and sorted(prev) == [0, 1, 2]
+    assert fresh[2] < fresh[0], fresh
+    assert acc[2] >= acc[0] - 0.05, acc
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
+    assert {"defense.png", "defense_classifier.pt"} <= names
+
+
+def test_transfer_matrix_shape_range_and_white_box_diagonal(tmp_path):
+    models = ["tiny", "tiny_effnet"]
+    proc = run_cli([*FAST, *ATTACK, f"transfer.models=[{','.join(models)}]"],
+                   tmp_path, module="pipeline.transfer")
+    assert "transfer matrix" in proc.stdout + proc.stderr
+    runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1
+    out = json.loads((sorted((tmp_path / "outputs" / "runs").glob("*/*"))[-1] / "transfer.json").read_text())
+    matrix = np.array(out["matrix"])
+    assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 1)).all()
+    assert len(out["random"]) == 2
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"])}
+    assert {"transfer.csv", "transfer.png"} <= names
+    # the diagonal is white-box: the same FR as single runs with the same seed and config
+    for i, model in enumerate(models):
+        run_cli([*FAST, *ATTACK, f"model={model}"], tmp_path)
+        single = mlflow_runs(tmp_path).sort_values("start_time").iloc[-1]
+        assert single["metrics.test_fr"] == pytest.approx(matrix[i, i], abs=1e-9), model
+
+
+def test_min_zeta_meets_the_target_and_zeta_minus_tol_does_not(tmp_path):
+    run_cli([*FAST, *ATTACK, "task=min_zeta", "min_zeta.target_fr=0.5", "min_zeta.low=0.5", "min_zeta.high=8",
+             "min_zeta.tol=0.5"], tmp_path)
+    runs = mlflow_runs(tmp_path)
+    parent = runs[runs["tags.task"] == "min_zeta"].iloc[0]
+    probes = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+    assert len(probes) == parent["metrics.min_zeta_probes"] >= 3
+    z, below = parent["metrics.min_zeta"], parent["metrics.min_zeta_below"]
+    fr = dict(zip(probes["metrics.zeta"], probes["metrics.probe_fr"]))
+    assert fr[z] >= 0.5 and fr[below] < 0.5
+    assert 0 < z - below <= 0.5
+    assert all(v < 0.5 for k, v in fr.items() if k <= z - 0.5 + 1e-9)
