@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import hydra
@@ -43,10 +44,18 @@ def guarded(task, cfg: DictConfig):
         raise
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) ends the job like Ctrl-C: the MLflow run is closed KILLED, nothing lost."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pipeline.experiment import run  # heavy imports after Hydra has parsed the command line
 
+    interrupt_on_sigterm()
     metrics = guarded(run, cfg)
     return None if metrics is None else metrics.get("test_fr", metrics.get("test_acc"))
 

@@ -91,6 +91,7 @@ def run(cfg: DictConfig) -> dict:
         tracking.mlflow.set_tag("classifier_path", meta["path"])
         device = device_for(cfg)
         metrics = classifier_metrics(model, dm, out, device)
+        tracking.log_metrics(metrics)  # logged now: an interrupted attack keeps them
         if cfg.task == "attack":
             metrics.update(attack(cfg, dm, model.net, out, device))
             if cfg.get("defense"):

@@ -84,8 +84,8 @@ def start_run(cfg: DictConfig, run_name: str | None = None, tags: dict | None = 
     try:
         mlflow.log_params(config_params(cfg))
         yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag("error", "interrupted (KeyboardInterrupt / SIGTERM)")
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C / SIGTERM (Lightning turns them into SystemExit)
+        mlflow.set_tag("error", f"interrupted ({type(e).__name__}: {e})")
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:

@@ -98,7 +98,8 @@ def run_transfer(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="transfer")
 def main(cfg: DictConfig) -> None:
-    from pipeline.__main__ import guarded
+    from pipeline.__main__ import guarded, interrupt_on_sigterm
+    interrupt_on_sigterm()
     guarded(run_transfer, cfg)
 
 

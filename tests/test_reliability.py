@@ -1,0 +1,110 @@
+"""Reliability: interrupted runs keep what they logged, bad cache files are rebuilt, clear errors early."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, ROOT, make_cfg, mlflow_runs, run_cli
+from pipeline.classifier import classifier_key, train_or_load
+from pipeline.errors import ConfigError
+from pipeline.experiment import load_uap
+
+
+def start(args, root):
+    env = {**os.environ, "UAP_CXR_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc, text, timeout=180):
+    seen, t0 = [], time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"{text!r} not seen:\n{''.join(seen)[-3000:]}")
+
+
+@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "training test_resnet"), (signal.SIGINT, "FGSMUAP: eps=")])
+def test_interrupted_run_is_killed_and_keeps_what_was_logged(tmp_path, sig, when):
+    args = ["trainer=fast", "trainer.max_epochs=40", "attack.max_iter=200", "attack.delta=0"]
+    proc = start(args, tmp_path)
+    wait_for(proc, when)
+    time.sleep(2)
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    run = mlflow_runs(tmp_path).iloc[0]
+    assert run["status"] == "KILLED" and "interrupted" in run["tags.error"]
+    assert run["params.model.arch"] == "test_resnet"  # logged before the interruption, kept
+    entry = next((tmp_path / "outputs" / "cache" / "classifiers").iterdir())
+    if sig == signal.SIGTERM:  # interrupted while training: no cache entry, no half-written file
+        assert not (entry / "classifier.pt").exists()
+        assert not list(entry.glob("*.tmp"))
+    else:  # interrupted while making the UAP: the classifier and its metrics were kept
+        assert (entry / "classifier.pt").exists() and run["metrics.test_acc"] > 0.5
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other_model"])
+def test_a_bad_cache_entry_is_detected_and_rebuilt(phantom_model, tmp_path, damage):
+    cfg, dm, model = phantom_model
+    key = classifier_key(cfg)
+    entry = tmp_path / "outputs" / "cache" / "classifiers" / key
+    shutil.copytree(os.path.join(cfg.paths.cache_dir, "classifiers", key), entry)
+    ckpt = entry / "classifier.pt"
+    if damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint")
+    elif damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    else:  # a valid file, but the weights of another architecture
+        other = make_cfg([*FAST, "model=tiny_effnet"], tmp_path)
+        from pipeline.classifier import new_classifier, save_checkpoint
+        net = new_classifier(other, dm.classes)
+        save_checkpoint(net, ckpt, {"arch": net.arch, "classes": net.classes})
+    cfg2 = make_cfg(FAST, tmp_path)
+    rebuilt, meta = train_or_load(cfg2, dm)
+    assert meta["cache_hit"] is False
+    assert torch.load(ckpt, weights_only=True)["meta"]["arch"] == "test_resnet"
+    again, meta2 = train_or_load(cfg2, dm)
+    assert meta2["cache_hit"] is True
+    for a, b in zip(model.net.state_dict().values(), again.net.state_dict().values()):
+        assert torch.equal(a, b)  # the rebuilt entry is the same deterministic classifier
+
+
+def test_uap_file_of_the_wrong_shape_or_corrupt_is_a_clear_error(tmp_path):
+    np.save(tmp_path / "u.npy", np.zeros((32, 32), np.float32))
+    with pytest.raises(ConfigError, match=r"shape \(32, 32\), expected \(64, 64\)"):
+        load_uap(str(tmp_path / "u.npy"), 64)
+    (tmp_path / "bad.npy").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot read a .npy array"):
+        load_uap(str(tmp_path / "bad.npy"), 64)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ConfigError):  # no pickle from a file
+        load_uap(str(tmp_path / "obj.npy"), 64)
+    assert load_uap(str(tmp_path / "u.npy"), 32).shape == (1, 32, 32)
+
+
+def test_unreachable_tracking_server_fails_at_start(tmp_path):
+    t0 = time.time()
+    proc = run_cli(["tracking=server", "tracking.uri=http://127.0.0.1:9", "trainer=fast"], tmp_path, check=False)
+    assert proc.returncode == 2 and time.time() - t0 < 60
+    text = proc.stdout + proc.stderr
+    assert "not reachable" in text and "make server" in text and "Traceback" not in text
+    assert not (tmp_path / "outputs" / "cache").exists()  # nothing was trained
+
+
+def test_unknown_names_list_the_valid_options(tmp_path):
+    for override, valid in (("attack=pgd", "fgsm_uap"), ("norm=l1", "linf"), ("+sweep=nope", "norm_grid"),
+                            ("data=mnist", "cxr3")):
+        proc = run_cli([override], tmp_path, check=False)
+        assert proc.returncode != 0 and valid in proc.stderr, override
