@@ -80,6 +80,7 @@ def run(cfg: DictConfig) -> dict:
         name += "-defense"
     with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg), parent_run_id=parent_run_id) as mlrun:
         validate(cfg)  # a bad value fails here, before any work, and the run is marked FAILED with it
+        device = device_for(cfg)
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir():
             tracking.mlflow.log_artifacts(str(hydra_dir), "hydra")
@@ -89,7 +90,6 @@ def run(cfg: DictConfig) -> dict:
         model, meta = train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id, cfg))
         tracking.mlflow.set_tag("classifier_cache", "hit" if meta["cache_hit"] else "trained")
         tracking.mlflow.set_tag("classifier_path", meta["path"])
-        device = device_for(cfg)
         metrics = classifier_metrics(model, dm, out, device)
         tracking.log_metrics(metrics)  # logged now: an interrupted attack keeps them
         if cfg.task == "attack":
