@@ -151,7 +151,9 @@ class BestWeights(pl.Callback):
         self.state: dict | None = None
         self.epoch = -1
 
-    def on_validation_epoch_end(self, trainer, module):
+    def on_validation_end(self, trainer, module):
+        # on_validation_end, not on_validation_epoch_end: Lightning runs callbacks' epoch-end hooks before
+        # the module's, so there callback_metrics would still hold the previous epoch's val_acc
         if trainer.sanity_checking or "val_acc" not in trainer.callback_metrics:
             return
         score = (trainer.callback_metrics["val_acc"].item(), -trainer.callback_metrics["val_loss"].item())

@@ -109,6 +109,9 @@ def plot_vs_zeta(rows: list[dict], out: Path) -> Path:
         for j, norm in enumerate(norms):
             ax = axes[i, j]
             sel = [r for r in rows if r["model"] == model and r["norm"] == norm]
+            if not sel:  # this model was not run with this norm
+                ax.axis("off")
+                continue
             series = sorted({(r["attack"], r["target"]) for r in sel}, key=lambda s: (s[0], TARGET_ORDER.get(s[1], 9)))
             for k, (attack, target) in enumerate(series):
                 pts = sorted((r["zeta"], r["test"], r["test_random"]) for r in sel
