@@ -29,6 +29,9 @@ from pipeline.metrics import accuracy, class_metrics, confusion
 
 log = logging.getLogger(__name__)
 
+# bumped when a code change alters what training produces, so that older cache entries are not reused
+# (2: best-validation weights taken after the module's epoch-end hook)
+CACHE_VERSION = 2
 # config keys that do not change the trained weights, left out of the cache key
 NON_DEFINING = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary", "epochs"}
 
@@ -172,7 +175,7 @@ def defining_config(cfg: DictConfig) -> dict:
         return d
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optim", "trainer")}
     parts["trainer"]["max_epochs"] = cfg.trainer.max_epochs
-    return {**strip(parts), "seed": cfg.seed}
+    return {**strip(parts), "seed": cfg.seed, "cache_version": CACHE_VERSION}
 
 
 def classifier_key(cfg: DictConfig) -> str:
