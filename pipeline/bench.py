@@ -115,15 +115,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def fr_of(net, x, v, clean, target, device) -> float:
+def fr_of(net, ds, v, clean, target, device) -> float:
     from pipeline.evaluate import predict
-    from pipeline.data import GrayDataset
-    ds = GrayDataset((x[:, :1] * 255).round().to(torch.uint8), torch.zeros(len(x), dtype=torch.long))
     p = predict(net, ds, {"v": v}, device=device)["v"]
     return (p == target).float().mean().item() if target is not None else (p != clean).float().mean().item()
 
 
-def run_art(net, x, eps, args, target, n_classes, device) -> Row:
+def run_art(net, x, eps, args, target, n_classes, device) -> tuple[Row, torch.Tensor]:
     from art.attacks.evasion import TargetedUniversalPerturbation, UniversalPerturbation
     from art.estimators.classification import PyTorchClassifier
     clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
@@ -166,7 +164,7 @@ def run_art(net, x, eps, args, target, n_classes, device) -> Row:
     return row, noise
 
 
-def run_ours(name, cls, net, x, y, eps, args, target, classes, device, **kw) -> Row:
+def run_ours(name, cls, net, x, y, eps, args, target, classes, device, **kw) -> tuple[Row, torch.Tensor]:
     common = dict(classifier=net, image_size=x.shape[-1], classes=classes, norm="linf", zeta=args.zeta, eps=eps,
                   step=args.step, target=None if target is None else classes[target], max_iter=args.max_iter,
                   delta=args.delta, batch_size=args.batch_size, record_fr=True)
@@ -192,7 +190,6 @@ def bench(args) -> tuple[list[Row], dict]:
     train, test = dm.dataset("train"), dm.dataset("test")
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_images].sort().values
     x, y = train.subset(idx).tensors()
-    xt, _ = test.tensors()
     eps = zeta_to_eps(x[:, :1], args.zeta, "linf")
     from pipeline.evaluate import predict
     clean_test = predict(net, test, {"c": None}, device=device)["c"]
@@ -211,7 +208,7 @@ def bench(args) -> tuple[list[Row], dict]:
             row, vs[name] = run_ours(name, cls, net, x, y, eps, args, target, dm.classes, device, **kw)
             rows.append(row)
         for r in rows:
-            r.fr_test = fr_of(net, xt, vs[r.name], clean_test, target, device)
+            r.fr_test = fr_of(net, test, vs[r.name], clean_test, target, device)
             if r is not art:
                 r.reach = next((t for t, fr in r.history if fr is not None and fr >= art.fr_input), None)
         tables["non-targeted" if target_name is None else f"targeted ({target_name})"] = rows
@@ -221,16 +218,17 @@ def bench(args) -> tuple[list[Row], dict]:
 
 def eval_throughput(net, ds, eps, device) -> float:
     """Evaluation (clean + UAP + random in one pass) vs the raw forward over the same 3 x N images."""
-    from pipeline.evaluate import predict
+    from pipeline.evaluate import eval_batch, predict
     v = torch.full((1, ds.images.shape[-2], ds.images.shape[-1]), eps)
     x = ds.tensors()[0]
     best_raw = best_eval = float("inf")
+    batch = max(1, eval_batch(device) // 3)  # the raw forwards batched as predict() batches them
     for _ in range(2):
         sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            for i in range(0, len(x), 128):
-                xb = x[i:i + 128].to(device)
+            for i in range(0, len(x), batch):
+                xb = x[i:i + batch].to(device)
                 net(torch.cat([xb, xb, xb]))
         sync(device)
         best_raw = min(best_raw, time.perf_counter() - t0)

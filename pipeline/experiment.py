@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
     """
     parent_run_id = sweep.parent_run_id()
     if parent_run_id and cfg.get("resume", True):
-        done = sweep.finished_run(tracking.setup(cfg.tracking), sweep.job_hash(cfg))
+        done = sweep.finished_run(tracking.setup(cfg.tracking), sweep.job_hash(cfg), cfg.get("sweep_name"))
         if done:
             log.info("skipped: this job's config already has a FINISHED run (%s)", done)
             return dict(tracking.mlflow.get_run(done).data.metrics)
@@ -156,6 +156,7 @@ def build_attack(cfg: DictConfig, dm: CXRDataModule, net, zeta: float | None = N
     x_in, y_in = input_set(cfg, dm).tensors()
     atk: UAPAttack = cls(classifier=net, image_size=dm.image_size, classes=dm.classes, **a)
     atk.eps = zeta_to_eps(x_in[:, :1], atk.zeta, atk.norm)
+    atk.n_inputs = len(x_in)
     return atk, x_in, y_in
 
 
@@ -171,13 +172,14 @@ def make_uap(cfg: DictConfig, dm: CXRDataModule, net, device, zeta: float | None
 
 def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[str, float]:
     """Make (or load) the UAP on the input set, evaluate it and its random control on train and test."""
-    if cfg.attack.get("uap_file"):
-        atk, x_in, _ = build_attack(cfg, dm, net)
-        uap, seconds = load_uap(cfg.attack.uap_file, dm.image_size), 0.0
+    uap_file = cfg.attack.get("uap_file")
+    if uap_file:
+        atk, _, _ = build_attack(cfg, dm, net)
+        uap, seconds, passes = load_uap(uap_file, dm.image_size), 0.0, 0
     else:
         atk, uap, seconds = make_uap(cfg, dm, net, device)
-    passes = atk.passes if not cfg.attack.get("uap_file") else 0
-    tracking.mlflow.log_params({"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": len(input_set(cfg, dm))})
+        passes = atk.passes
+    tracking.mlflow.log_params({"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": atk.n_inputs})
     rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 1))
     if isinstance(atk, RandomUAP):  # the control of a random "attack" is another random draw
         rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 2))

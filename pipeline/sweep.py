@@ -28,7 +28,9 @@ NOT_IDENTITY = {"paths", "tracking", "hydra", "enable_progress_bar", "log_every_
 
 
 def job_hash(cfg: DictConfig) -> str:
-    """Identity of a job's result: the resolved config without paths, tracking and presentation keys."""
+    """Identity of a job's result: the resolved config without paths, tracking and presentation keys, and
+    the classifier cache version (runs made before a code change that alters training are not reused)."""
+    from pipeline.classifier import CACHE_VERSION
     def strip(d: Any) -> Any:
         if isinstance(d, dict):
             return {k: strip(v) for k, v in d.items() if k not in NOT_IDENTITY}
@@ -37,6 +39,7 @@ def job_hash(cfg: DictConfig) -> str:
         return d
     container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                  for k in cfg if k not in NOT_IDENTITY}
+    container["cache_version"] = CACHE_VERSION
     blob = json.dumps(strip(container), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -45,10 +48,14 @@ def parent_run_id() -> str | None:
     return os.environ.get(PARENT_ENV) or None
 
 
-def finished_run(experiment_id: str, jhash: str) -> str | None:
-    """The id of a FINISHED run with this job hash, if the store has one."""
-    runs = mlflow.search_runs([experiment_id], filter_string=f"tags.job_hash = '{jhash}' and attributes.status = 'FINISHED'",
-                              max_results=1, output_format="list")
+def finished_run(experiment_id: str, jhash: str, sweep_name: str | None) -> str | None:
+    """The id of a FINISHED run with this job hash in the same sweep (by name), if the store has one.
+
+    Scoped to the sweep so that its report (`--sweep NAME`) finds every job: a job done in another sweep
+    is run again rather than left out."""
+    filt = f"tags.job_hash = '{jhash}' and attributes.status = 'FINISHED'"
+    filt += f" and tags.sweep = '{sweep_name}'" if sweep_name else " and tags.sweep IS NULL"
+    runs = mlflow.search_runs([experiment_id], filter_string=filt, max_results=1, output_format="list")
     return runs[0].info.run_id if runs else None
 
 
