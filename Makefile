@@ -9,7 +9,7 @@ PORT    ?= 5000
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full run sweep report bench transfer defense min-zeta ui server clean
+.PHONY: help install test test-full run sweep report results bench transfer defense min-zeta ui server clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ sweep:  ## a sweep, e.g. make sweep ARGS="+sweep=norm_grid data=cxr3"
 
 report:  ## tables and figures from the MLflow store into outputs/report/
 	$(PYTHON) -m pipeline.report $(ARGS)
+
+results:  ## the docs/results.md grid on ../shared/data/cxr3 (144 CPU jobs, ~1.5 h) and its report in outputs/report_cxr3
+	$(PYTHON) -m pipeline +sweep=cxr3_paper -m $(ARGS)
+	$(PYTHON) -m pipeline.report --sweep cxr3_paper --out outputs/report_cxr3
 
 bench:  ## UAP generation side by side with ART (writes docs/benchmarks.md; ARGS="--quick" for a smoke run)
 	$(PYTHON) -m pipeline.bench $(ARGS)

@@ -4,8 +4,9 @@
     python -m pipeline.report --sweep norm_grid       # the runs of a sweep, by name or parent run id
     make report ARGS="--sweep <parent run id>"
 
-Writes to outputs/report/ (or --out): results.csv and results.md (model x attack/target x norm x zeta:
-FR or TSR on train and test with the random control beside it), fr_vs_zeta.png (FR / TSR vs zeta per
+Writes to outputs/report/ (or --out): results.csv (one row per run) and results.md (the classifiers' clean
+test accuracy and per-class sensitivity / PPV; paper-style tables per norm: FR or TSR, train / test, UAP and
+random control, by zeta; where non-targeted UAPs send the test images; every run in one table), fr_vs_zeta.png (FR / TSR vs zeta per
 model and norm, random control dashed), uaps.png (the UAPs at the headline zeta) and
 confusion_<model>.png (clean / UAP / random confusion matrices of the headline setting).
 """
@@ -15,6 +16,7 @@ import argparse
 import csv
 import logging
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +32,7 @@ log = logging.getLogger("pipeline.report")
 
 COLUMNS = ["data", "model", "attack", "target", "norm", "zeta", "eps", "metric", "train", "train_random",
            "test", "test_random", "test_acc_clean", "passes", "seconds", "run_id"]
+NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
 TARGET_ORDER = {"non-targeted": 0, "normal": 1, "pneumonia": 2, "COVID-19": 3}
 
 
@@ -68,7 +71,7 @@ def row_of(run) -> dict:
         "train": m.get(f"train_{key}"), "train_random": m.get(f"train_{key}_random"),
         "test": m.get(f"test_{key}"), "test_random": m.get(f"test_{key}_random"),
         "test_acc_clean": m.get("test_acc_clean"), "passes": m.get("uap_passes"), "seconds": m.get("uap_seconds"),
-        "run_id": run.info.run_id,
+        "run_id": run.info.run_id, "metrics": m,
     }
 
 
@@ -84,19 +87,83 @@ def fmt(v, key: str = "") -> str:
     return "" if v is None else str(v)
 
 
-def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
+def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, Path]:
     with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     head = ["data", "model", "attack", "target", "norm", "zeta (%)", "metric", "train UAP", "train random",
             "test UAP", "test random", "clean test acc"]
     keys = ["data", "model", "attack", "target", "norm", "zeta", "metric", "train", "train_random", "test",
             "test_random", "test_acc_clean"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(fmt(r[k], k) for k in keys) + " |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    sections = [("Classifiers: clean test set", classifier_table(rows)),
+                *((f"{'FR' if len(targets(rows)) == 1 else 'FR / TSR'}, {NORM_NAMES.get(norm, norm)}: train / test, UAP and random control",
+                   paper_table([r for r in rows if r["norm"] == norm])) for norm in sorted({r["norm"] for r in rows})),
+                (f"Where non-targeted UAPs send the test images: share of predictions per class, clean -> **UAP** (random), "
+                 f"zeta closest to {zeta:g} %", shares_table(rows, zeta)),
+                ("Every run", md_table(head, [[fmt(r[k], k) for k in keys] for r in rows]))]
+    text = "\n".join(f"### {title}\n\n{body}" for title, body in sections if body)
+    (out / "results.md").write_text(text)
     return out / "results.csv", out / "results.md"
+
+
+def md_table(head: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    return sorted({r["target"] for r in rows}, key=lambda t: TARGET_ORDER.get(t, 9))
+
+
+def class_names(rows: list[dict]) -> list[str]:
+    """The class names, from the per-class metric names (`test_sens_<class>`), in label order where known."""
+    names = {k[len("test_sens_"):] for r in rows for k in r["metrics"] if k.startswith("test_sens_")}
+    return sorted(names, key=lambda c: (TARGET_ORDER.get(c, 9), c))
+
+
+def classifier_table(rows: list[dict]) -> str:
+    """One row per trained classifier (data, model): val / test accuracy, per-class sensitivity / PPV on test."""
+    first = {}
+    for r in rows:
+        first.setdefault((r["data"], r["model"]), r["metrics"])
+    classes = class_names(rows)
+    head = ["data", "model", "val acc", "test acc", *(f"{c} sens / PPV" for c in classes)]
+    cells = [[d, model, fmt(m.get("val_acc")), fmt(m.get("test_acc")),
+              *(f"{fmt(m.get(f'test_sens_{c}'))} / {fmt(m.get(f'test_ppv_{c}'))}" for c in classes)]
+             for (d, model), m in sorted(first.items())]
+    return md_table(head, cells)
+
+
+def paper_table(rows: list[dict]) -> str:
+    """Paper-style: one row per (data, model, attack, target) and UAP / random, one column per zeta; train / test."""
+    zetas = sorted({r["zeta"] for r in rows})
+    cell = {(r["data"], r["model"], r["attack"], r["target"], r["zeta"]): r for r in rows}
+    groups = sorted({k[:4] for k in cell}, key=lambda k: (k[0], k[1], k[2], TARGET_ORDER.get(k[3], 9)))
+    head = ["data", "model", "attack", "target", "metric", "perturbation", *(f"zeta {z:g} %" for z in zetas)]
+    cells = []
+    for g in groups:
+        metric = "FR" if g[3] == "non-targeted" else "TSR"
+        for kind, (tr, te) in (("UAP", ("train", "test")), ("random", ("train_random", "test_random"))):
+            vals = [cell.get((*g, z)) for z in zetas]
+            cells.append([*g, metric, kind, *("" if r is None else f"{fmt(r[tr])} / {fmt(r[te])}" for r in vals)])
+    return md_table(head, cells)
+
+
+def shares_table(rows: list[dict], zeta: float) -> str:
+    """Share of test predictions per class: clean -> under the non-targeted UAP (under the random control)."""
+    classes = class_names(rows)
+    sel = [r for r in headline(rows, zeta) if r["target"] == "non-targeted"]
+    if not sel or not classes:
+        return ""
+    head = ["data", "model", "attack", "norm", "zeta (%)", *classes]
+    cells = []
+    for r in sel:
+        m = r["metrics"]
+        share = lambda kind, c: fmt(m.get(f"test_{kind}_share_{c}"))  # noqa: E731
+        cells.append([r["data"], r["model"], r["attack"], r["norm"], fmt(r["zeta"], "zeta"),
+                      *(f"{share('clean', c)} -> **{share('uap', c)}** ({share('random', c)})" for c in classes)])
+    return md_table(head, cells)
 
 
 def plot_vs_zeta(rows: list[dict], out: Path) -> Path:
@@ -162,17 +229,21 @@ def plot_uaps(rows: list[dict], out: Path, zeta: float) -> Path | None:
     n = len(uaps)
     cols = min(n, 4)
     rows_n = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 3.3 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.3 * cols, 2.5 * rows_n), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (r, u) in zip(axes.flat, uaps):
         lim = float(np.abs(u).max()) or 1.0
-        ax.imshow(u, cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set_title(f"{r['model']} {r['target']}\n{r['norm']} zeta={r['zeta']:g}% {r['metric']}={r['test']:.2f}", fontsize=8)
+        ax.imshow(u, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_title(f"{r['model']} {r['target']}\n{r['norm']} zeta={r['zeta']:g}% {r['metric']}={r['test']:.2f}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "uaps.png", dpi=110)
+    path = out / "uaps.png"
+    fig.savefig(path, dpi=80)
     plt.close(fig)
-    return out / "uaps.png"
+    # noise does not compress: a 256-colour palette keeps the file small (the colour map has 256 levels anyway)
+    from PIL import Image
+    Image.open(path).convert("RGB").quantize(colors=256).save(path, optimize=True)
+    return path
 
 
 def plot_confusions(rows: list[dict], out: Path, zeta: float) -> list[Path]:
@@ -212,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zeta", type=float, default=2.0, help="headline zeta for the UAP and confusion panels (default 2)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded figure
     mlflow.set_tracking_uri(args.tracking_uri)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted((row_of(r) for r in select_runs(args.experiment, args.sweep)), key=sort_key)
-    files = [*write_tables(rows, out), plot_vs_zeta(rows, out), plot_uaps(rows, out, args.zeta),
+    files = [*write_tables(rows, out, args.zeta), plot_vs_zeta(rows, out), plot_uaps(rows, out, args.zeta),
              *plot_confusions(rows, out, args.zeta)]
     print((out / "results.md").read_text())
     print("report: %d runs -> %s" % (len(rows), ", ".join(str(f) for f in files if f)))

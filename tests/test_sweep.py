@@ -97,4 +97,40 @@ def test_report_tables_equal_the_logged_metrics(smoke, tmp_path):
         for col, metric in (("train", "train_fr"), ("test", "test_fr"), ("test_random", "test_fr_random")):
             assert float(r[col]) == pytest.approx(run[f"metrics.{metric}"], abs=1e-9)
     md = (out / "results.md").read_text()
-    assert md.count("\n") == 6 and "test random" in md
+    every = md.split("### Every run")[1]
+    assert every.count("\n| phantom |") == 4 and "test random" in every
+    linf = kids[kids["params.attack.norm"] == "linf"]
+    for _, run in linf.iterrows():  # the paper-style L-inf table: "train / test" per zeta, UAP and random rows
+        z = float(run["params.attack.zeta"])
+        table = md.split("FR, L-inf")[1].split("###")[0].splitlines()
+        col = table[2].split(" | ").index(f"zeta {z:g} %")
+        uap = next(line for line in table if "| UAP |" in line).split(" | ")[col]
+        rnd = next(line for line in table if "| random |" in line).split(" | ")[col]
+        assert uap.strip(" |") == f"{run['metrics.train_fr']:.3f} / {run['metrics.test_fr']:.3f}"
+        assert rnd.strip(" |") == f"{run['metrics.train_fr_random']:.3f} / {run['metrics.test_fr_random']:.3f}"
+    acc = f"{kids.iloc[0]['metrics.test_acc']:.3f}"
+    assert f"| phantom | test_resnet | {kids.iloc[0]['metrics.val_acc']:.3f} | {acc} |" in md
+    shares = md.split("Where non-targeted UAPs send")[1].split("###")[0]
+    assert shares.count("| phantom |") == 2 and "->" in shares  # one row per norm at the headline zeta
+
+
+def test_resume_is_scoped_to_the_sweep_and_to_the_code_version(tmp_path, monkeypatch):
+    """A job done in another sweep (or outside any) is not taken as done: the sweep's report must find all of
+    its jobs; and a classifier cache version bump changes every job's identity (old runs are not reused)."""
+    import mlflow
+
+    from conftest import make_cfg
+    from pipeline import classifier, sweep
+    cfg = make_cfg(["zeta=2"], tmp_path)
+    jhash = sweep.job_hash(cfg)
+    assert sweep.job_hash(make_cfg(["zeta=2.0", "sweep_name=other"], tmp_path)) == jhash  # same job, any sweep
+    assert sweep.job_hash(make_cfg(["zeta=4"], tmp_path)) != jhash
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlflow.create_experiment("e")
+    with mlflow.start_run(experiment_id=exp) as run:
+        mlflow.set_tags({"job_hash": jhash, "sweep": "targets"})
+    assert sweep.finished_run(exp, jhash, "targets") == run.info.run_id
+    assert sweep.finished_run(exp, jhash, "paper") is None
+    assert sweep.finished_run(exp, jhash, None) is None
+    monkeypatch.setattr(classifier, "CACHE_VERSION", classifier.CACHE_VERSION + 1)
+    assert sweep.job_hash(cfg) != jhash
