@@ -17,6 +17,11 @@ def smoke(tmp_path_factory):
     return root, runs_after_first, first, second
 
 
+def cells(line: str) -> list[str]:
+    """The cells of a markdown table row."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def children(runs):
     return runs[runs["tags.mlflow.parentRunId"].notna()]
 
@@ -103,11 +108,11 @@ def test_report_tables_equal_the_logged_metrics(smoke, tmp_path):
     for _, run in linf.iterrows():  # the paper-style L-inf table: "train / test" per zeta, UAP and random rows
         z = float(run["params.attack.zeta"])
         table = md.split("FR, L-inf")[1].split("###")[0].splitlines()
-        col = table[2].split(" | ").index(f"zeta {z:g} %")
-        uap = next(line for line in table if "| UAP |" in line).split(" | ")[col]
-        rnd = next(line for line in table if "| random |" in line).split(" | ")[col]
-        assert uap.strip(" |") == f"{run['metrics.train_fr']:.3f} / {run['metrics.test_fr']:.3f}"
-        assert rnd.strip(" |") == f"{run['metrics.train_fr_random']:.3f} / {run['metrics.test_fr_random']:.3f}"
+        col = cells(table[2]).index(f"zeta {z:g} %")
+        uap = cells(next(line for line in table if "| UAP |" in line))[col]
+        rnd = cells(next(line for line in table if "| random |" in line))[col]
+        assert uap == f"{run['metrics.train_fr']:.3f} / {run['metrics.test_fr']:.3f}"
+        assert rnd == f"{run['metrics.train_fr_random']:.3f} / {run['metrics.test_fr_random']:.3f}"
     acc = f"{kids.iloc[0]['metrics.test_acc']:.3f}"
     assert f"| phantom | test_resnet | {kids.iloc[0]['metrics.val_acc']:.3f} | {acc} |" in md
     shares = md.split("Where non-targeted UAPs send")[1].split("###")[0]
