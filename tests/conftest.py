@@ -29,6 +29,11 @@ def make_cfg(overrides: list[str] = (), root: Path | None = None) -> DictConfig:
     return cfg
 
 
+def cells(line: str) -> list[str]:
+    """The cells of a markdown table row (report tables, docs/results.md)."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def run_cli(args: list[str], root: Path, check: bool = True, timeout: int = 600,
             module: str = "pipeline") -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` in a subprocess, with the project root (store, cache, outputs) at `root`."""

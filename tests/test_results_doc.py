@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_runs, run_cli
+from conftest import cells, mlflow_runs, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -28,9 +28,9 @@ def doc_row() -> dict:
     assert "## Every run" in text, "docs/results.md: no 'Every run' section"
     rows = []
     for line in text.split("## Every run", 1)[1].splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == len(COLUMNS) and all(cells[i] == ROW[k] for i, k in enumerate(COLUMNS) if k in ROW):
-            rows.append(dict(zip(COLUMNS, cells)))
+        row = cells(line)
+        if len(row) == len(COLUMNS) and all(row[i] == ROW[k] for i, k in enumerate(COLUMNS) if k in ROW):
+            rows.append(dict(zip(COLUMNS, row)))
     assert len(rows) == 1, f"docs/results.md: expected one row {ROW} in the 'Every run' table, found {len(rows)}"
     return rows[0]
 

@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from conftest import mlflow_runs, run_cli
+from conftest import cells, mlflow_runs, run_cli
 
 STEP2 = ["metrics.test_fr", "metrics.train_fr", "metrics.test_fr_random", "metrics.uap_norm", "metrics.eps"]
 
@@ -15,11 +15,6 @@ def smoke(tmp_path_factory):
     runs_after_first = mlflow_runs(root)
     second = run_cli(["+sweep=smoke", "-m"], root)
     return root, runs_after_first, first, second
-
-
-def cells(line: str) -> list[str]:
-    """The cells of a markdown table row."""
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def children(runs):
