@@ -37,6 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CXR3 = ROOT.parent / "shared" / "data" / "cxr3"
 
 
+# our rows: attack configs (conf/attack) and overrides, each run with the bench's zeta, step, delta, passes, batch
+# (the row's overrides come last: strong_uap keeps its own passes per start and delta)
+ROWS = [("fgsm_uap faithful", ["attack=fgsm_uap_faithful"]),
+        ("fgsm_uap batched", ["attack=fgsm_uap"]),
+        ("fgsm_uap batched, 2 candidates (step 7)", ["attack=fgsm_uap", "attack.step_rule.scales=[8.0,1.0]",
+                                                    "attack.step_rule.adaptive=false"]),
+        ("sgd_uap", ["attack=sgd_uap"]),
+        ("strong_uap", ["attack=strong_uap", "attack.max_iter=3", "attack.delta=0.0"])]
+
+
 @dataclass
 class Row:
     name: str
@@ -73,22 +83,36 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def load_setup(args):
-    """The cached classifier and data, through the pipeline's own config and cache."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import open_dict
-
-    from pipeline.classifier import train_or_load
+def setup_overrides(args) -> list[str]:
+    """The config overrides of the bench's data and model."""
     real = args.data == "cxr3" or (args.data == "auto" and (CXR3 / "train.txt").is_file())
     overrides = [f"model={args.model}", f"seed={args.seed}", "trainer.enable_progress_bar=false"]
-    overrides += [f"data=cxr3", f"data.root={CXR3}", "data.image_size=128"] if real else ["data=phantom", "data.image_size=128"]
+    # cxr3's configured root (../shared/data/cxr3) when it resolves from here, so that the classifier cache
+    # entry of `python -m pipeline data=cxr3 model=...` run from the project root is the one used
+    here = (Path.cwd() / "../shared/data/cxr3").resolve() == CXR3.resolve()
+    overrides += (["data=cxr3", "data.image_size=128"] + ([] if here else [f"data.root={CXR3}"]) if real
+                  else ["data=phantom", "data.image_size=128"])
     if args.device == "cuda":
         overrides.append("trainer=gpu")
+    return overrides
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
+    return cfg
+
+
+def load_setup(args):
+    """The cached classifier and data, through the pipeline's own config and cache."""
+    from hydra.utils import instantiate
+
+    from pipeline.classifier import train_or_load
+    cfg = compose_config(setup_overrides(args))
     dm = instantiate(cfg.data)
     dm.setup()
     model, _ = train_or_load(cfg, dm)
@@ -164,25 +188,37 @@ def run_art(net, x, eps, args, target, n_classes, device) -> tuple[Row, torch.Te
     return row, noise
 
 
-def run_ours(name, cls, net, x, y, eps, args, target, classes, device, **kw) -> tuple[Row, torch.Tensor]:
-    common = dict(classifier=net, image_size=x.shape[-1], classes=classes, norm="linf", zeta=args.zeta, eps=eps,
-                  step=args.step, target=None if target is None else classes[target], max_iter=args.max_iter,
-                  delta=args.delta, batch_size=args.batch_size, record_fr=True)
-    atk = cls(**{**common, **kw})
+def attack_config(args, overrides: list[str]):
+    """The attack config of a row: conf/attack composed with the row's overrides and the bench's settings."""
+    common = [f"zeta={args.zeta}", f"attack.max_iter={args.max_iter}", f"attack.delta={args.delta}",
+              f"attack.batch_size={args.batch_size}", f"attack.step={args.step}"]
+    return compose_config([*common, *overrides]).attack
+
+
+def run_ours(name, overrides, net, x, y, eps, args, target, classes, device) -> tuple[Row, torch.Tensor]:
+    """One row: the attack composed from conf/attack (+ overrides), made on x with the bench's eps and seed."""
+    from omegaconf import OmegaConf
+
+    from pipeline.uaps import TASK_KEYS, instantiate_attack
+    a = OmegaConf.to_container(attack_config(args, overrides), resolve=True)
+    for k in TASK_KEYS:
+        a.pop(k, None)
+    a.update(eps=eps, record_fr=True, target=None if target is None else classes[target])
+    atk = instantiate_attack(a, classifier=net, image_size=x.shape[-1], classes=classes)
+    atk.record_every = args.record_every
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         v = atk.make(x, y, trainer_kwargs={"accelerator": "gpu" if device.type == "cuda" else "cpu",
                                            "enable_progress_bar": False}, seed=args.seed)
         seconds = time.perf_counter() - t0
     net.to(device)  # Lightning's teardown moves the fitted module back to the CPU
-    hist = [(h["seconds"], h["fr_exact"]) for h in atk.history]
     seconds -= atk.unclocked  # the measurement-only passes are not the method's time
-    return Row(name, seconds, atk.passes, hist[-1][1] if hist else float("nan"), float("nan"),
-               v.abs().max().item() / eps, mem.peak, hist), v
+    fr_input = atk.to(device).exact_rate(v)  # of the UAP returned (with keep: best, not always the last iterate)
+    return Row(name, seconds, atk.passes, fr_input, float("nan"), v.abs().max().item() / eps, mem.peak, atk.trace), v
 
 
 def bench(args) -> tuple[list[Row], dict]:
-    from pipeline.attack import FGSMUAP, SGDUAP, zeta_to_eps
+    from pipeline.attack import zeta_to_eps
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     cfg, dm, net = load_setup(args)
@@ -202,10 +238,8 @@ def bench(args) -> tuple[list[Row], dict]:
         target = None if target_name is None else dm.classes.index(target_name)
         art, art_v = run_art(net, x, eps, args, target, dm.num_classes, device)
         rows, vs = [art], {art.name: art_v}
-        for name, cls, kw in [("fgsm_uap faithful", FGSMUAP, dict(mode="faithful", exact_fr=True)),
-                              ("fgsm_uap batched", FGSMUAP, dict(mode="batched")),
-                              ("sgd_uap", SGDUAP, {})]:
-            row, vs[name] = run_ours(name, cls, net, x, y, eps, args, target, dm.classes, device, **kw)
+        for name, overrides in ROWS:
+            row, vs[name] = run_ours(name, overrides, net, x, y, eps, args, target, dm.classes, device)
             rows.append(row)
         for r in rows:
             r.fr_test = fr_of(net, test, vs[r.name], clean_test, target, device)
@@ -214,6 +248,51 @@ def bench(args) -> tuple[list[Row], dict]:
         tables["non-targeted" if target_name is None else f"targeted ({target_name})"] = rows
     info["eval_ratio"] = eval_throughput(net, test, eps, device)
     return tables, info
+
+
+# `--study`: every method and variant tried against one model; each row is what `python -m pipeline` makes
+# with these overrides (on the model's whole input set, the training split), warm-start candidates included
+STUDY = [
+    ("sgd_uap, 3 passes (the cxr3 grid)", ["attack=sgd_uap", "attack.max_iter=3"]),
+]
+
+
+def study(args) -> tuple[str, list[dict]]:
+    """Each STUDY row made from an empty UAP cache and timed whole; FR (TSR) on the input set and on test."""
+    import tempfile
+
+    from omegaconf import open_dict
+
+    from pipeline.evaluate import predict
+    from pipeline.uaps import make_uap
+    device = torch.device(args.device)
+    _, dm, net = load_setup(args)
+    net = net.to(device)
+    test = dm.dataset("test")
+    clean_test = predict(net, test, {"c": None}, device=device)["c"]
+    base = [*setup_overrides(args), f"zeta={args.zeta}", f"norm={args.norm}",
+            f"attack.target={args.target if args.targeted else 'null'}"]
+    rows = []
+    for name, overrides in STUDY:
+        cfg = compose_config([*base, *overrides])
+        with tempfile.TemporaryDirectory() as tmp:
+            with open_dict(cfg):
+                cfg.paths.cache_dir = tmp  # the UAP cache only (the classifier is loaded already)
+            t0 = time.perf_counter()
+            atk, v, _ = make_uap(cfg, dm, net, device)
+            seconds = time.perf_counter() - t0
+        net.to(device)
+        row = {"name": name, "overrides": " ".join(overrides), "seconds": seconds, "passes": atk.passes,
+               "fr_input": atk.to(device).exact_rate(v), "fr_test": fr_of(net, test, v, clean_test, atk.target, device),
+               "from": atk.best["from"] if atk.best else "last iterate"}
+        log.warning("study: %-45s input %.3f test %.3f %6.1f s", name, row["fr_input"], row["fr_test"], seconds)
+        rows.append(row)
+    head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
+            f"{'TSR' if args.targeted else 'FR'} test", "returned"]
+    from pipeline.report import md_table
+    table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", r["passes"], f"{r['fr_input']:.3f}",
+                             f"{r['fr_test']:.3f}", r["from"]] for r in rows])
+    return table, rows
 
 
 def eval_throughput(net, ds, eps, device) -> float:
@@ -302,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="auto", choices=["auto", "cxr3", "phantom"],
                     help="auto: cxr3 when ../shared/data/cxr3 is present, else phantom")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--record-every", type=int, default=0,
+                    help="also measure the exact input-set FR every k steps, off the clock (finer 'reached at' times)")
+    ap.add_argument("--study", action="store_true",
+                    help="instead of the ART comparison: every method and variant of STUDY against --model (use "
+                         "--norm, --zeta, --target with --targeted), on its whole input set")
+    ap.add_argument("--norm", default="linf", choices=["linf", "l2"], help="--study: the norm")
+    ap.add_argument("--targeted", action="store_true", help="--study: targeted to --target")
     ap.add_argument("--seed", type=int, default=42, help="seed (42: the pipeline's default, so the cached classifier is reused)")
     ap.add_argument("--out", default=None, help="markdown file for the tables (default docs/benchmarks.md; "
                                                 "--quick: none)")
@@ -311,8 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    tables, info = bench(args)
     cmd = "python -m pipeline.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.study:
+        table, _ = study(args)
+        text = f"Machine: {machine(args.device)}; {versions()}.\n\n{table}"
+        print(text)
+        if args.out or not args.quick:
+            write_doc(Path(args.out or ROOT / "docs" / "benchmarks.md"), cmd, text)
+        return 0
+    tables, info = bench(args)
     parts = [f"Machine: {machine(args.device)}; {versions()}.",
              f"Classifier: {info['model']} on {info['data']}, {info['image_size']} px, clean test accuracy "
              f"{info['clean_test_acc']:.3f}; input set {info['n_images']} training images; L-inf zeta {args.zeta} % "

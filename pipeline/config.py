@@ -1,6 +1,10 @@
 """Checks on the composed config, run before any work: a bad value names its key and what is allowed."""
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any, Collection
+
 from omegaconf import DictConfig
 
 from pipeline.attack import NORMS
@@ -34,9 +38,31 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"attack.zeta={a.zeta}: expected a percentage in (0, 100]")
     if a.target is not None and a.target not in classes:
         raise ConfigError(f"attack.target={a.target!r}: expected null (non-targeted) or one of {classes}")
-    if not isinstance(a.max_iter, int) or a.max_iter < 1:
-        raise ConfigError(f"attack.max_iter={a.max_iter}: expected an integer >= 1")
-    if a.input_split not in ("train", "val", "test"):
-        raise ConfigError(f"attack.input_split={a.input_split!r}: expected train, val or test")
+    least = 1 if a.get("step_rule") else 0  # a search needs a pass; the random control has none
+    if not isinstance(a.max_iter, int) or a.max_iter < least:
+        raise ConfigError(f"attack.max_iter={a.max_iter}: expected an integer >= {least}")
+    ws = a.get("warm_start")
+    if ws:
+        zetas = ws.get("zetas") or []
+        if not all(isinstance(z, (int, float)) and 0 < z <= 100 for z in zetas):
+            raise ConfigError(f"attack.warm_start.zetas={list(zetas)}: expected a list of percentages in (0, 100]")
+    if not set(str(a.input_split).split("+")) <= {"train", "val", "test"}:
+        raise ConfigError(f"attack.input_split={a.input_split!r}: expected train, val, test or splits joined by +"
+                          f" (train+val)")
     if a.input_limit is not None and (not isinstance(a.input_limit, int) or a.input_limit < 1):
         raise ConfigError(f"attack.input_limit={a.input_limit}: expected null or an integer >= 1")
+
+
+def stable_hash(obj: Any, drop: Collection[str] = ()) -> str:
+    """A short hash of a plain config container: keys in `drop` left out at every level, and integer-valued
+    floats written as integers (zeta=2 and zeta=2.0 are the same config)."""
+    def canonical(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: canonical(v) for k, v in d.items() if k not in drop}
+        if isinstance(d, list):
+            return [canonical(v) for v in d]
+        if isinstance(d, float) and d.is_integer():
+            return int(d)
+        return d
+    blob = json.dumps(canonical(obj), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -39,7 +39,7 @@ def strength(clean: torch.Tensor, adv: torch.Tensor, target: int | None) -> floa
 
 
 def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path, device) -> dict[str, float]:
-    from pipeline.experiment import make_uap
+    from pipeline.uaps import make_uap
     d = cfg.defense
     check(d)
     test = dm.dataset("test")

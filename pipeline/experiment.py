@@ -10,16 +10,17 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import plots, sweep, tracking
-from pipeline.attack import RandomUAP, UAPAttack, lp_norms, random_uap, zeta_to_eps
+from pipeline.attack import lp_norms, random_uap
 from pipeline.classifier import classifier_key, train_or_load
 from pipeline.config import validate
 from pipeline.data import CXRDataModule
 from pipeline.errors import ConfigError
 from pipeline.evaluate import predict
-from pipeline.metrics import accuracy, attack_metrics, class_metrics, confusion
+from pipeline.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate
+from pipeline.uaps import build_attack, input_set, load_saved_uap, make_uap
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
             log.info("skipped: this job's config already has a FINISHED run (%s)", done)
             return dict(tracking.mlflow.get_run(done).data.metrics)
     out = output_dir(cfg)
-    name = f"{cfg.model.arch}-{cfg.task}" + (f"-{cfg.attack._target_.rsplit('.', 1)[-1]}-{cfg.attack.norm}-z{cfg.attack.zeta}"
+    name = f"{cfg.model.arch}-{cfg.task}" + (f"-{cfg.attack.name}-{cfg.attack.norm}-z{cfg.attack.zeta}"
                                              f"-{cfg.attack.target or 'nontargeted'}" if cfg.task == "attack" else "")
     if cfg.get("defense"):
         name += "-defense"
@@ -125,64 +126,18 @@ def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str,
     return metrics
 
 
-def input_set(cfg: DictConfig, dm: CXRDataModule):
-    ds = dm.dataset(cfg.attack.input_split)
-    limit = cfg.attack.input_limit
-    if limit is not None and limit < len(ds):
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:limit].sort().values
-        ds = ds.subset(idx)
-    return ds
-
-
-def load_uap(path: str, size: int) -> torch.Tensor:
-    p = Path(path)
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"attack.uap_file={path}: cannot read a .npy array ({e})") from None
-    if arr.shape not in ((size, size), (1, size, size)):
-        raise ConfigError(f"attack.uap_file={path}: shape {arr.shape}, expected ({size}, {size}) for data.image_size={size}")
-    return torch.from_numpy(arr.astype(np.float32)).view(1, size, size)
-
-
-def build_attack(cfg: DictConfig, dm: CXRDataModule, net, zeta: float | None = None) -> tuple[UAPAttack, torch.Tensor, torch.Tensor]:
-    """The configured attack against `net`, with eps set from its input set; and that input set (x, y)."""
-    a = OmegaConf.to_container(cfg.attack, resolve=True)
-    a.pop("uap_file", None)
-    a.pop("_target_")
-    if zeta is not None:
-        a["zeta"] = zeta
-    cls = instantiate({"_target_": cfg.attack._target_, "_partial_": True})
-    x_in, y_in = input_set(cfg, dm).tensors()
-    atk: UAPAttack = cls(classifier=net, image_size=dm.image_size, classes=dm.classes, **a)
-    atk.eps = zeta_to_eps(x_in[:, :1], atk.zeta, atk.norm)
-    atk.n_inputs = len(x_in)
-    return atk, x_in, y_in
-
-
-def make_uap(cfg: DictConfig, dm: CXRDataModule, net, device, zeta: float | None = None) -> tuple[UAPAttack, torch.Tensor, float]:
-    """Make the configured UAP against `net` on its input set: (attack, uap (1, H, W), seconds)."""
-    atk, x_in, y_in = build_attack(cfg, dm, net, zeta)
-    trainer_kw = {"accelerator": "gpu" if device.type == "cuda" else "cpu",
-                  "enable_progress_bar": bool(cfg.trainer.get("enable_progress_bar", True))}
-    t0 = time.perf_counter()
-    uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kw, seed=cfg.seed)
-    return atk, uap, time.perf_counter() - t0
-
-
 def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[str, float]:
     """Make (or load) the UAP on the input set, evaluate it and its random control on train and test."""
-    uap_file = cfg.attack.get("uap_file")
-    if uap_file:
-        atk, _, _ = build_attack(cfg, dm, net)
-        uap, seconds, passes = load_uap(uap_file, dm.image_size), 0.0, 0
+    if cfg.attack.get("uap_file"):
+        atk, _ = build_attack(cfg, dm, net)
+        uap, seconds = load_saved_uap(cfg, atk, dm.image_size), 0.0
     else:
         atk, uap, seconds = make_uap(cfg, dm, net, device)
-        passes = atk.passes
+    passes = atk.passes
     tracking.mlflow.log_params({"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": atk.n_inputs})
+    if atk.best is not None:  # keep: best / candidates: where the returned UAP came from
+        tracking.mlflow.set_tag("uap_best_from", atk.best["from"])
     rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 1))
-    if isinstance(atk, RandomUAP):  # the control of a random "attack" is another random draw
-        rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 2))
     metrics = {"eps": atk.eps, "zeta": atk.zeta, "uap_norm": lp_norms(uap[None], atk.norm).item(),
                "random_norm": lp_norms(rnd[None], atk.norm).item(), "uap_seconds": seconds, "uap_passes": passes}
     for h in atk.history:
@@ -193,6 +148,7 @@ def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[s
         ds = dm.dataset(split)
         preds[split] = predict(net, ds, {"clean": None, "uap": uap, "random": rnd}, clip=atk.clip, device=device)
         metrics.update(attack_metrics(split, ds.labels, preds[split], dm.classes, atk.target))
+    metrics.update(input_metrics(cfg, dm, net, uap, atk, preds["train"], device))
     np.save(out / "uap.npy", uap[0].numpy().astype(np.float32))
     title = (f"{'targeted ' + atk.target_name if atk.targeted else 'non-targeted'} UAP, {atk.norm}, "
              f"zeta={atk.zeta:g}% (eps={atk.eps:.4g})")
@@ -209,6 +165,20 @@ def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[s
     return metrics
 
 
+def input_metrics(cfg: DictConfig, dm: CXRDataModule, net, uap, atk, train_preds, device) -> dict[str, float]:
+    """The UAP's rates on its own input set (`input_fr`, targeted also `input_tsr`): what the search optimised,
+    and where the warm start's guarantees hold. The train split's when it is the input set."""
+    inputs, train = input_set(cfg, dm), dm.dataset("train")
+    if cfg.attack.input_split == "train" and len(inputs) == len(train):
+        p = train_preds
+    else:
+        p = predict(net, inputs, {"clean": None, "uap": uap}, clip=atk.clip, device=device)
+    m = {"input_fr": fooling_rate(p["clean"], p["uap"])}
+    if atk.targeted:
+        m["input_tsr"] = success_rate(p["uap"], atk.target)
+    return m
+
+
 def summary(cfg: DictConfig, m: dict, classes) -> str:
     lines = [f"result: {cfg.model.arch} on {cfg.data._target_.rsplit('.', 1)[-1]} "
              f"({cfg.data.image_size} px), clean test accuracy {m['test_acc']:.3f}"]
@@ -219,7 +189,7 @@ def summary(cfg: DictConfig, m: dict, classes) -> str:
         a = cfg.attack
         targeted = a.target is not None
         kind = f"targeted -> {a.target}" if targeted else "non-targeted"
-        lines.append(f"UAP {a._target_.rsplit('.', 1)[-1]} {kind}, {a.norm}, zeta={a.zeta}% (eps={m['eps']:.4g}, "
+        lines.append(f"UAP {a.name} {kind}, {a.norm}, zeta={a.zeta}% (eps={m['eps']:.4g}, "
                      f"norm {m['uap_norm']:.4g}), {m['uap_passes']} passes in {m['uap_seconds']:.1f} s")
         key = "tsr" if targeted else "fr"
         lines.append(f"{'split':<6} {'acc clean':>9} {'acc UAP':>8} {key.upper() + ' UAP':>8} {key.upper() + ' random':>11}")

@@ -32,7 +32,7 @@ def check(m: DictConfig) -> None:
 
 
 def search(cfg: DictConfig, dm, net, out: Path, device, parent_run_id: str) -> dict[str, float]:
-    from pipeline.experiment import make_uap
+    from pipeline.uaps import make_uap
     m = cfg.min_zeta
     check(m)
     target_fr, tol = float(m.target_fr), float(m.tol)

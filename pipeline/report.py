@@ -65,7 +65,7 @@ def row_of(run) -> dict:
     key = "tsr" if targeted else "fr"
     return {
         "data": run.data.tags.get("choice.data", p.get("data._target_", "").rsplit(".", 1)[-1]),
-        "model": p.get("model.arch"), "attack": p.get("attack._target_", "").rsplit(".", 1)[-1],
+        "model": p.get("model.arch"), "attack": p.get("attack.name") or p.get("attack._target_", "").rsplit(".", 1)[-1],
         "target": target if targeted else "non-targeted", "norm": p.get("attack.norm"),
         "zeta": float(p.get("attack.zeta", "nan")), "eps": m.get("eps"), "metric": key.upper(),
         "train": m.get(f"train_{key}"), "train_random": m.get(f"train_{key}_random"),

@@ -29,19 +29,15 @@ NOT_IDENTITY = {"paths", "tracking", "hydra", "enable_progress_bar", "log_every_
 
 def job_hash(cfg: DictConfig) -> str:
     """Identity of a job's result: the resolved config without paths, tracking and presentation keys, and
-    the classifier cache version (runs made before a code change that alters training are not reused)."""
+    the classifier and UAP cache versions (runs made before a code change that alters training or the
+    attacks are not reused)."""
     from pipeline.classifier import CACHE_VERSION
-    def strip(d: Any) -> Any:
-        if isinstance(d, dict):
-            return {k: strip(v) for k, v in d.items() if k not in NOT_IDENTITY}
-        if isinstance(d, float) and d.is_integer():  # zeta=2 and zeta=2.0 are the same job
-            return int(d)
-        return d
+    from pipeline.config import stable_hash
+    from pipeline.uaps import UAP_CACHE_VERSION
     container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                  for k in cfg if k not in NOT_IDENTITY}
-    container["cache_version"] = CACHE_VERSION
-    blob = json.dumps(strip(container), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    container.update(cache_version=CACHE_VERSION, uap_cache_version=UAP_CACHE_VERSION)
+    return stable_hash(container, NOT_IDENTITY)
 
 
 def parent_run_id() -> str | None:
@@ -91,7 +87,8 @@ class MLflowParentRun(Callback):
         client = mlflow.MlflowClient()
         name = config.get("sweep_name") or "sweep"
         overrides = list(config.hydra.overrides.task)
-        sweep_params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=False)
+        params = config.hydra.sweeper.get("params")  # None for an ad-hoc sweep (`zeta=1,2 -m`, no +sweep=)
+        sweep_params = OmegaConf.to_container(params, resolve=False) if params else {}
         shash = hashlib.sha256(json.dumps([name, sorted(overrides), sweep_params], sort_keys=True, default=str)
                                .encode()).hexdigest()[:16]
         previous = mlflow.search_runs([self.experiment_id], filter_string=f"tags.sweep_hash = '{shash}'",

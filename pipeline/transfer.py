@@ -40,7 +40,8 @@ def run_transfer(cfg: DictConfig) -> dict:
     from pipeline.classifier import train_or_load
     from pipeline.config import validate
     from pipeline.evaluate import predict
-    from pipeline.experiment import device_for, make_uap, output_dir
+    from pipeline.experiment import device_for, output_dir
+    from pipeline.uaps import make_uap
     from pipeline.metrics import fooling_rate, success_rate
 
     names = list(cfg.transfer.models)

@@ -13,7 +13,7 @@ import torch
 from conftest import FAST, ROOT, make_cfg, mlflow_runs, run_cli
 from pipeline.classifier import classifier_key, train_or_load
 from pipeline.errors import ConfigError
-from pipeline.experiment import load_uap
+from pipeline.attack.initializer import check_budget, load_uap_file
 
 
 def start(args, root):
@@ -35,7 +35,7 @@ def wait_for(proc, text, timeout=180):
     raise AssertionError(f"{text!r} not seen:\n{''.join(seen)[-3000:]}")
 
 
-@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "training test_resnet"), (signal.SIGINT, "FGSMUAP: eps=")])
+@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "training test_resnet"), (signal.SIGINT, "fgsm_uap: eps=")])
 def test_interrupted_run_is_killed_and_keeps_what_was_logged(tmp_path, sig, when):
     args = ["trainer=fast", "trainer.max_epochs=40", "attack.max_iter=200", "attack.delta=0"]
     proc = start(args, tmp_path)
@@ -84,14 +84,49 @@ def test_a_bad_cache_entry_is_detected_and_rebuilt(phantom_model, tmp_path, dama
 def test_uap_file_of_the_wrong_shape_or_corrupt_is_a_clear_error(tmp_path):
     np.save(tmp_path / "u.npy", np.zeros((32, 32), np.float32))
     with pytest.raises(ConfigError, match=r"shape \(32, 32\), expected \(64, 64\)"):
-        load_uap(str(tmp_path / "u.npy"), 64)
+        load_uap_file(str(tmp_path / "u.npy"), 64)
     (tmp_path / "bad.npy").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="cannot read a .npy array"):
-        load_uap(str(tmp_path / "bad.npy"), 64)
+        load_uap_file(str(tmp_path / "bad.npy"), 64)
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ConfigError):  # no pickle from a file
-        load_uap(str(tmp_path / "obj.npy"), 64)
-    assert load_uap(str(tmp_path / "u.npy"), 32).shape == (1, 32, 32)
+        load_uap_file(str(tmp_path / "obj.npy"), 64)
+    assert load_uap_file(str(tmp_path / "u.npy"), 32).shape == (1, 32, 32)
+
+
+def test_uap_file_with_nan_strings_or_an_archive_is_a_one_line_error(tmp_path):
+    bad = np.zeros((8, 8), np.float32)
+    bad[2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(ConfigError, match="1 values are NaN or infinite"):
+        load_uap_file(str(tmp_path / "nan.npy"), 8)
+    np.save(tmp_path / "str.npy", np.array([["a"] * 8] * 8))
+    with pytest.raises(ConfigError, match="expected a numeric array"):
+        load_uap_file(str(tmp_path / "str.npy"), 8)
+    np.savez(tmp_path / "arch.npz", v=np.zeros((8, 8), np.float32))
+    with pytest.raises(ConfigError, match="npz archive"):
+        load_uap_file(str(tmp_path / "arch.npz"), 8)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_uap_file_beyond_its_budget_is_refused_unless_projected(norm):
+    v = torch.full((1, 8, 8), 0.5)
+    with pytest.raises(ConfigError, match="exceeds eps=0.01.*attack.project_uap_file=true"):
+        check_budget(v, 0.01, norm, False, "attack.uap_file=u.npy", "attack.project_uap_file")
+    from pipeline.attack import lp_norms
+    p = check_budget(v, 0.01, norm, True, "attack.uap_file=u.npy", "attack.project_uap_file")
+    assert lp_norms(p[None], norm).item() == pytest.approx(0.01, rel=1e-5)
+    inside = v * 0.01 / lp_norms(v[None], norm).item()  # on the sphere: float tolerance, not refused
+    assert torch.equal(check_budget(inside, 0.01, norm, False, "k", "p"), inside)
+
+
+def test_cli_uap_file_beyond_its_budget_fails_before_it_is_logged_as_a_result(tmp_path):
+    np.save(tmp_path / "big.npy", np.full((64, 64), 0.5, np.float32))
+    proc = run_cli([*FAST, f"attack.uap_file={tmp_path / 'big.npy'}"], tmp_path, check=False)
+    assert proc.returncode == 2
+    text = proc.stdout + proc.stderr
+    assert "attack.uap_file=" in text and "exceeds eps" in text and "Traceback" not in text
+    assert list(mlflow_runs(tmp_path)["status"]) == ["FAILED"]
 
 
 def test_unreachable_tracking_server_fails_at_start(tmp_path):

@@ -1,0 +1,312 @@
+"""The UAP as a LightningModule whose only trainable parameter is `v`, searched by config-chosen parts.
+
+`v` is one grayscale image (1 x H x W) added to every input, tiled over the 3 channels. The
+classifier is frozen inside (eval mode, no gradient to its weights). `make` fits the module on the
+input set (a loader of (x, y, index) batches) and returns the UAP. The parts (pipeline/attack/*.py,
+conf/attack/<part>/) do the rest:
+
+- initializer: where the search starts (zeros, a random point on the sphere, a saved UAP);
+- objective: the per-image loss to minimise (cross-entropy, margin, ...);
+- step: how its gradient moves v (FGSM steps summed over images, or a torch optimiser);
+- acceptance: whether a step's candidate replaces v (the paper's accept-if-it-fools-more, or always);
+- stopper: when a start ends (fooling rate >= 1 - delta, max passes, no progress for k passes);
+
+and the module's own switches: one image at a time (`per_image`, the paper's loop) or minibatches,
+step only on images not yet fooled (`skip_fooled`), `restarts` from random points of the sphere (with
+`restart_objectives`, each restart minimising the next objective of that list),
+`candidates` (UAPs made elsewhere: the previous zeta's, the targeted ones) measured and, when given,
+the start of the first restart, and what is returned (`keep`: the last iterate or the best one seen by exact
+input-set fooling rate). Every iterate is projected onto the Lp ball (`norms.project`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.attack.initializer import Zeros
+from pipeline.attack.norms import check_norm, lp_norms, project, random_uap, zeta_to_eps
+from pipeline.errors import ConfigError
+from pipeline.evaluate import eval_batch
+
+log = logging.getLogger(__name__)
+
+KEEP = ("last", "best")
+
+
+def indexed(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
+    """(x, y, index) items: the attacks track per-image state (clean prediction, fooled) by index."""
+    return TensorDataset(images, labels, torch.arange(len(labels)))
+
+
+class UAP(pl.LightningModule):
+    """A universal adversarial perturbation and the search that makes it (see the module docstring)."""
+
+    def __init__(self, classifier: nn.Module, image_size: int, classes: Sequence[str], *, stopper,
+                 initializer=None, objective=None, step_rule=None, acceptance=None, norm: str = "linf",
+                 zeta: float = 2.0, eps: float | None = None, target: str | None = None, clip: bool = False, batch_size: int = 32, per_image: bool = False,
+                 skip_fooled: bool = False, keep: str = "last", restarts: int = 0,
+                 restart_objectives: Sequence | None = None, exact_fr: bool = False,
+                 augment: dict | None = None, record_fr: bool = False, name: str | None = None):
+        super().__init__()
+        self.classes = list(classes)
+        self.norm = check_norm(norm)
+        if not 0 < float(zeta) <= 100:
+            raise ConfigError(f"attack.zeta={zeta}: expected a percentage in (0, 100]")
+        if int(batch_size) < 1:
+            raise ConfigError(f"attack.batch_size={batch_size}: expected an integer >= 1")
+        if target is not None and target not in self.classes:
+            raise ConfigError(f"attack.target={target!r}: expected null (non-targeted) or one of {self.classes}")
+        if keep not in KEEP:
+            raise ConfigError(f"attack.keep={keep!r}: expected one of {list(KEEP)}")
+        if not isinstance(restarts, int) or restarts < 0:
+            raise ConfigError(f"attack.restarts={restarts}: expected an integer >= 0")
+        self.initializer = initializer or Zeros()
+        self.objective, self.step_rule = objective, step_rule
+        self.acceptance, self.stopper = acceptance, stopper
+        self.zeta, self.eps = float(zeta), eps
+        self.target = None if target is None else self.classes.index(target)
+        self.target_name, self.name = target, name or type(self).__name__
+        self.clip, self.batch_size, self.per_image = bool(clip), int(batch_size), bool(per_image)
+        self.skip_fooled, self.keep, self.restarts = bool(skip_fooled), keep, restarts
+        # the restarts' objectives in turn (other objectives find other optima); none: the first one's
+        self.restart_objectives = list(restart_objectives or [])
+        self.exact_fr, self.augment = bool(exact_fr), dict(augment) if augment else None
+        # measurement only (benchmarks): the exact input-set FR after every pass, its time not counted
+        self.record_fr, self.record_every = bool(record_fr), 0  # record_every: also every k steps
+        self.n_inputs = 0  # set by pipeline.experiment.build_attack
+        self.v = nn.Parameter(torch.zeros(1, image_size, image_size))
+        self.classifier = classifier.eval()
+        self.classifier.requires_grad_(False)
+        self.automatic_optimization = False
+        self.history: list[dict] = []  # per pass: start, seconds since the search began, input-set rate
+        self.best: dict | None = None  # the best v seen (exact input-set rate) and where it came from
+        self.register_buffer("clean_pred", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("fooled", torch.zeros(0, dtype=torch.bool), persistent=False)
+
+    # -- the frozen classifier stays in eval mode whatever Lightning does with .train()
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.classifier.eval()
+        return self
+
+    @property
+    def targeted(self) -> bool:
+        return self.target is not None
+
+    @property
+    def passes(self) -> int:
+        return sum(h["pass"] > 0 for h in self.history)
+
+    def perturb(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x + v, v (1, H, W) or (K, 1, H, W) broadcast over the channels; clipped to [0, 1] if `clip`."""
+        xv = x + v
+        return xv.clamp(0, 1) if self.clip else xv
+
+    def is_fooled(self, pred: torch.Tensor, clean_pred: torch.Tensor) -> torch.Tensor:
+        return pred == self.target if self.targeted else pred != clean_pred
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.perturb(x, self.v))
+
+    def uap(self) -> torch.Tensor:
+        return self.v.detach().cpu().clone()
+
+    # -- the search
+    def make(self, images: torch.Tensor, labels: torch.Tensor, trainer_kwargs: dict | None = None, seed: int = 0,
+             candidates: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Search on the input set (float images (N, 3, H, W)) and return the UAP (1, H, W).
+
+        `candidates`: UAPs to weigh against the search (projected onto this budget's ball); the first restart
+        begins at the best of them, and with `keep: best` the result fools at least as many input images."""
+        if self.eps is None:
+            self.eps = zeta_to_eps(images[:, :1], self.zeta, self.norm)
+        if self.stopper.max_passes > 0 and None in (self.objective, self.step_rule, self.acceptance):
+            raise ConfigError(f"attack {self.name}: a search (attack.max_iter={self.stopper.max_passes}) needs an "
+                              f"objective, a step_rule and an acceptance rule (attack/objective=..., ...)")
+        self.dataset = indexed(images, labels)
+        self.candidates = [project(c.reshape(1, *self.v.shape), self.eps, self.norm)[0] for c in candidates]
+        if self.step_rule is not None:
+            steps_per_pass = -(-len(labels) // self.batch_size)
+            self.step_rule.setup(self.eps, self.norm, self.v.numel(), self.stopper.max_passes * steps_per_pass)
+        self.history, self.trace, self.best, self.start, self.warm = [], [], None, 0, None
+        self.t_start, self.unclocked = time.perf_counter(), 0.0
+        init_gen, shuffle_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.v.copy_(project(self.initializer(self.v.shape, self.eps, self.norm, init_gen)[None], self.eps, self.norm)[0])
+        if self.stopper.max_passes == 0:  # no search: the initializer's point (the random control)
+            self.history = [{"start": 0, "pass": 0, "seconds": time.perf_counter() - self.t_start, "fr": float("nan")}]
+            return self.uap()
+        kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                  enable_model_summary=False, num_sanity_val_steps=0)
+        kw.update(trainer_kwargs or {})
+        kw.update(max_epochs=self.stopper.max_passes, limit_val_batches=0)
+        for self.start in range(self.restarts + 1):
+            if self.start > 0:
+                if self.best is not None and self.best["fr"] >= 1 - self.stopper.delta:
+                    break
+                with torch.no_grad():  # the first restart from the best candidate (a warm start), if any
+                    self.v.copy_(self.warm if self.start == 1 and self.warm is not None
+                                 else random_uap(self.v.shape, self.eps, self.norm, init_gen))
+            self.current_objective = self.objective_of(self.start)
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=shuffle_gen)
+            pl.seed_everything(seed + self.start, workers=True)
+            self.trainer_ = pl.Trainer(**kw)
+            self.trainer_.fit(self, train_dataloaders=loader)
+        if self.keep == "best" and self.best is not None:
+            with torch.no_grad():
+                self.v.copy_(self.best["v"])
+            log.info("%s: returning the best UAP seen (%s, input-set %s %.3f)", self.name, self.best["from"],
+                     "TSR" if self.targeted else "FR", self.best["fr"])
+        return self.uap()
+
+    def objective_of(self, start: int):
+        if start == 0 or not self.restart_objectives:
+            return self.objective
+        return self.restart_objectives[(start - 1) % len(self.restart_objectives)]
+
+    @torch.no_grad()
+    def predict_all(self, v: torch.Tensor | None) -> torch.Tensor:
+        preds = torch.empty(len(self.dataset), dtype=torch.long, device=self.device)
+        for x, _, idx in self.eval_loader:
+            x = x.to(self.device)
+            preds[idx.to(self.device)] = self.classifier(x if v is None else self.perturb(x, v.to(self.device))).argmax(1)
+        return preds
+
+    def exact_rate(self, v: torch.Tensor) -> float:
+        """The input-set fooling rate (targeted: success rate) of v, from a pass over the whole set."""
+        return self.is_fooled(self.predict_all(v), self.clean_pred).float().mean().item()
+
+    def consider(self, v: torch.Tensor, fr: float, where: str) -> None:
+        if self.best is None or fr >= self.best["fr"]:  # of equals, the latest (the most optimised)
+            self.best = {"fr": fr, "v": v.detach().clone(), "from": where}
+
+    def on_train_start(self):
+        if self.start == 0:
+            # a fixed-order loader for whole-set predictions (leaves the shuffling generator untouched)
+            self.eval_loader = DataLoader(self.dataset, batch_size=eval_batch(self.device))
+            self.clean_pred = self.predict_all(None)
+            self.t_start = time.perf_counter()
+            for i, c in enumerate(self.candidates):
+                self.consider(c, self.exact_rate(c), f"candidate {i}")
+            self.warm = None if self.best is None else self.best["v"]
+            log.info("%s: eps=%.5g (%s, zeta=%g%%), %s, %d input images, up to %d passes x %d start(s)%s", self.name,
+                     self.eps, self.norm, self.zeta, f"target {self.target_name}" if self.targeted else "non-targeted",
+                     len(self.clean_pred), self.stopper.max_passes, self.restarts + 1,
+                     f"; the best of {len(self.candidates)} candidate UAPs fools {self.best['fr']:.3f}"
+                     if self.candidates else "")
+        self.fooled = torch.zeros_like(self.clean_pred, dtype=torch.bool)
+        self.start_frs: list[float] = []
+
+    def configure_optimizers(self):
+        return self.step_rule.configure([self.v]) if hasattr(self.step_rule, "configure") else None
+
+    def training_step(self, batch, batch_idx):
+        x, _, idx = batch
+        if self.augment:
+            from pipeline.data import augment_batch
+            x = augment_batch(x, **self.augment)
+        cp = self.clean_pred[idx]
+        if self.per_image:  # the paper's loop: one image at a time, each step seen by the next image
+            for i in range(len(idx)):
+                self.step_on(x[i:i + 1], cp[i:i + 1], idx[i:i + 1])
+        else:
+            self.step_on(x, cp, idx)
+
+    def step_on(self, x: torch.Tensor, cp: torch.Tensor, idx: torch.Tensor) -> None:
+        """One step on these images: gradient of the objective, candidate(s), projection, acceptance."""
+        v_before = self.v.detach().clone()
+        if self.step_rule.input_grad:  # FGSM: each image's gradient on its own input x + v
+            with torch.enable_grad():
+                xv = self.perturb(x, v_before).requires_grad_(True)
+                logits = self.classifier(xv)
+                pred = logits.argmax(1)
+                fooled = self.is_fooled(pred, cp)
+                stepping = ~fooled if self.skip_fooled else torch.ones_like(fooled)
+                self.fooled[idx] = fooled
+                if not stepping.any():
+                    return
+                grad, = torch.autograd.grad(self.current_objective(logits, cp, pred, self.target).sum(), xv)
+            cands = project(self.step_rule.candidates(v_before, grad, stepping), self.eps, self.norm)
+        else:  # an optimiser on v over the batch's mean objective
+            logits = self(x)
+            pred = logits.argmax(1)
+            fooled = self.is_fooled(pred.detach(), cp)
+            stepping = ~fooled if self.skip_fooled else torch.ones_like(fooled)
+            self.fooled[idx] = fooled
+            if not stepping.any():
+                return
+            losses = self.current_objective(logits, cp, pred, self.target)
+            loss = (losses[stepping] if self.skip_fooled else losses).mean()
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            sched = self.lr_schedulers()
+            if sched is not None:
+                sched.step()
+            with torch.no_grad():
+                self.v.copy_(project(self.v[None], self.eps, self.norm)[0])
+            cands = self.v.detach()[None]
+            self.log("loss", loss.detach(), prog_bar=True)
+        self.accept(x, cp, idx, fooled, cands, v_before)
+
+    @torch.no_grad()
+    def accept(self, x, cp, idx, fooled, cands, v_before) -> None:
+        fools = None
+        if self.acceptance.check:  # every candidate on the step's images, in one batch
+            k, b = len(cands), len(x)
+            preds = self.classifier(self.perturb(x.repeat(k, 1, 1, 1), cands.repeat_interleave(b, 0))).argmax(1)
+            fools = self.is_fooled(preds.view(k, b), cp.expand(k, -1))
+        chosen = self.acceptance.choose(fools, fooled)
+        if hasattr(self.step_rule, "feedback"):
+            self.step_rule.feedback(chosen is not None)
+        if chosen is None:
+            self.v.copy_(v_before)
+            return
+        self.v.copy_(cands[chosen])
+        if fools is not None:
+            self.fooled[idx] = fools[chosen]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.record_fr and self.record_every and (batch_idx + 1) % self.record_every == 0:
+            self.record()
+
+    def record(self) -> float:
+        """Benchmarks: the exact input-set rate now, measured off the clock, into `trace`."""
+        t0 = time.perf_counter()
+        fr = self.exact_rate(self.v.detach())
+        self.trace.append((t0 - self.t_start - self.unclocked, fr))
+        self.unclocked += time.perf_counter() - t0
+        return fr
+
+    def on_train_epoch_end(self):
+        fr_exact = None
+        if self.exact_fr or self.keep == "best" or self.stopper.patience:  # a pass over the set with v
+            fooled = self.is_fooled(self.predict_all(self.v.detach()), self.clean_pred)
+            fr_exact = fooled.float().mean().item()
+            self.consider(self.v, fr_exact, f"start {self.start} ({type(self.current_objective).__name__}), "
+                                            f"pass {len(self.start_frs) + 1}")
+            if self.exact_fr:  # ART: the fooled set of record is the exact one
+                self.fooled = fooled
+        seconds = time.perf_counter() - self.t_start - self.unclocked
+        fr = fr_exact if fr_exact is not None else self.fooled.float().mean().item()
+        if self.record_fr:
+            if fr_exact is None:
+                fr_exact = self.record()
+            else:
+                self.trace.append((seconds, fr_exact))
+        self.start_frs.append(fr)
+        self.history.append({"start": self.start, "pass": len(self.history) + 1, "seconds": seconds, "fr": fr,
+                             "fr_exact": fr_exact})
+        self.log("fr", fr, prog_bar=True)
+        self.log("uap_norm", lp_norms(self.v.detach()[None], self.norm).item(), prog_bar=True)
+        reason = self.stopper.reason(self.start_frs)
+        if reason:
+            log.info("%s: start %d stops after %d passes (%s)", self.name, self.start, len(self.start_frs), reason)
+            self.trainer.should_stop = True

@@ -1,0 +1,198 @@
+"""Making the configured UAP against a classifier: build the attack from its parts, warm-start it, cache it.
+
+`attack.warm_start` (attack=strong_uap) makes the search sound in its budget by construction:
+
+- `zetas`: a ladder of budgets (the paper's grid). The UAP made at the largest ladder zeta below this
+  one lies inside this budget's ball; it is a candidate (and the search's start), and with `keep: best`
+  the result fools at least as many input images. So the input-set rate never falls as zeta grows.
+- `targeted: true` (non-targeted attacks): the targeted UAPs of every class at the same zeta are
+  candidates too, so the non-targeted rate is at least each targeted UAP's fooling rate.
+
+The UAPs these candidates come from are made first when missing, through a cache under
+`paths.cache_dir/uaps/` keyed by the classifier's weights, the input images, the attack config and the
+seed; a file lock per entry makes parallel jobs wait for the one that makes it. Each entry is made
+once, whichever job needs it first, and every job finds the same one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pipeline.attack import UAP, zeta_to_eps
+from pipeline.attack.initializer import check_budget, load_uap_file
+from pipeline.data import CXRDataModule, GrayDataset
+from pipeline.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+# bumped when a code change alters what a search produces, so that older cached UAPs are not reused
+UAP_CACHE_VERSION = 1
+# attack keys that shape the job around the search (or feed the parts by interpolation), not the module
+TASK_KEYS = ("uap_file", "project_uap_file", "warm_start", "input_split", "input_limit", "max_iter", "delta", "step")
+
+
+def input_set(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
+    """The UAP's input set: `attack.input_split` (a split, or splits joined by '+', e.g. train+val), or a
+    seeded choice of `attack.input_limit` of its images."""
+    parts = [dm.dataset(s) for s in str(cfg.attack.input_split).split("+")]
+    ds = parts[0] if len(parts) == 1 else GrayDataset(torch.cat([p.images for p in parts]),
+                                                      torch.cat([p.labels for p in parts]),
+                                                      [q for p in parts for q in p.patients])
+    limit = cfg.attack.input_limit
+    if limit is not None and limit < len(ds):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:limit].sort().values
+        ds = ds.subset(idx)
+    return ds
+
+
+def build_attack(cfg: DictConfig, dm: CXRDataModule, net) -> tuple[UAP, GrayDataset]:
+    """The configured attack against `net`, with eps set from its input set; and that input set."""
+    a = OmegaConf.to_container(cfg.attack, resolve=True)
+    for k in TASK_KEYS:
+        a.pop(k, None)
+    inputs = input_set(cfg, dm)
+    atk: UAP = instantiate_attack(a, classifier=net, image_size=dm.image_size, classes=dm.classes)
+    atk.eps = zeta_to_eps(inputs.images.float().div(255), atk.zeta, atk.norm)
+    atk.n_inputs = len(inputs)
+    return atk, inputs
+
+
+def instantiate_attack(a: dict, **kw) -> UAP:
+    """instantiate() of an attack config; a bad value in it (a ConfigError of a part) surfaces as itself,
+    naming its key, rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(a, **kw)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+
+
+def with_attack(cfg: DictConfig, **changes) -> DictConfig:
+    """A copy of cfg with these attack keys changed (e.g. zeta, target)."""
+    c = cfg.copy()
+    with open_dict(c):
+        for k, v in changes.items():
+            c.attack[k] = v
+    return c
+
+
+def trainer_kwargs(cfg: DictConfig, device) -> dict:
+    return {"accelerator": "gpu" if torch.device(device).type == "cuda" else "cpu",
+            "enable_progress_bar": bool(cfg.trainer.get("enable_progress_bar", True))}
+
+
+def load_saved_uap(cfg: DictConfig, atk: UAP, size: int) -> torch.Tensor:
+    """attack.uap_file, checked: readable, the right shape, finite, within eps (or projected onto the ball)."""
+    path = cfg.attack.uap_file
+    v = load_uap_file(path, size)
+    return check_budget(v, atk.eps, atk.norm, bool(cfg.attack.get("project_uap_file", False)),
+                        f"attack.uap_file={path}", "attack.project_uap_file")
+
+
+def make_uap(cfg: DictConfig, dm: CXRDataModule, net, device) -> tuple[UAP, torch.Tensor, float]:
+    """Make the configured UAP against `net` on its input set: (attack, uap (1, H, W), seconds of its search).
+
+    With `attack.warm_start`, through the cache with its candidates (module docstring)."""
+    atk, inputs = build_attack(cfg, dm, net)
+    x_in, y_in = inputs.tensors()
+    if not cfg.attack.get("warm_start"):
+        t0 = time.perf_counter()
+        uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kwargs(cfg, device), seed=cfg.seed)
+        return atk, uap, time.perf_counter() - t0
+    entry = Path(cfg.paths.cache_dir) / "uaps" / uap_key(cfg, atk, net, inputs, device)
+    entry.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry / ".lock")):
+        cached = read_entry(entry, atk)
+        if cached is not None:
+            return atk, *cached
+        candidates = warm_candidates(cfg, dm, net, device, atk)
+        t0 = time.perf_counter()
+        uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kwargs(cfg, device), seed=cfg.seed, candidates=candidates)
+        seconds = time.perf_counter() - t0
+        write_entry(entry, atk, uap, seconds)
+        log.info("%s: UAP made in %.1f s and cached at %s", atk.name, seconds, entry)
+    return atk, uap, seconds
+
+
+def warm_candidates(cfg: DictConfig, dm: CXRDataModule, net, device, atk: UAP) -> list[torch.Tensor]:
+    """The UAPs this search weighs against its own: the previous ladder zeta's, and (non-targeted, with
+    `targeted: true`) the targeted UAPs of every class at this zeta; each made first if not cached."""
+    ws = cfg.attack.warm_start
+    zetas = [float(z) for z in ws.get("zetas") or []]
+    below = [z for z in zetas if z < atk.zeta - 1e-9]
+    out = []
+    if below:
+        prev = max(below)
+        log.info("warm start: the UAP at zeta=%g%% (made first if not cached)", prev)
+        out.append(make_uap(with_attack(cfg, zeta=prev), dm, net, device)[1])
+    if ws.get("targeted") and not atk.targeted:
+        for c in dm.classes:
+            log.info("warm start: the targeted UAP to %s at zeta=%g%% (made first if not cached)", c, atk.zeta)
+            out.append(make_uap(with_attack(cfg, target=c), dm, net, device)[1])
+    return out
+
+
+def fingerprint(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def uap_key(cfg: DictConfig, atk: UAP, net, inputs: GrayDataset, device) -> str:
+    """Identity of a UAP: the classifier's weights, the input images and labels, the attack, eps, seed, device."""
+    from pipeline.config import stable_hash
+    attack = OmegaConf.to_container(cfg.attack, resolve=True)
+    for k in ("uap_file", "project_uap_file", "name"):  # not what the search does
+        attack.pop(k, None)
+    blob = {"weights": fingerprint(net.state_dict().values()), "inputs": fingerprint([inputs.images, inputs.labels]),
+            "attack": attack, "eps": f"{atk.eps:.10g}", "seed": cfg.seed, "device": torch.device(device).type,
+            "version": UAP_CACHE_VERSION}
+    return stable_hash(blob)
+
+
+def read_entry(entry: Path, atk: UAP) -> tuple[torch.Tensor, float] | None:
+    """The cached UAP (loaded into the attack, with its history) and its search's seconds; None if absent or unusable."""
+    npy, meta_file = entry / "uap.npy", entry / "meta.json"
+    if not (npy.is_file() and meta_file.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        uap = load_uap_file(npy, atk.v.shape[-1], "cached UAP")
+        uap = check_budget(uap, atk.eps, atk.norm, False, f"cached UAP {npy}", "(none)")
+    except (ValueError, KeyError, ConfigError) as e:
+        log.warning("%s: unusable cached UAP (%s); making it again", entry, e)
+        return None
+    with torch.no_grad():
+        atk.v.copy_(uap)
+    atk.history, atk.best = meta["history"], meta.get("best")
+    log.info("%s: UAP loaded from cache %s (made in %.1f s)", atk.name, entry, meta["seconds"])
+    return uap, float(meta["seconds"])
+
+
+def write_entry(entry: Path, atk: UAP, uap: torch.Tensor, seconds: float) -> None:
+    """Atomic writes (temp file + rename): a half-written entry is never read."""
+    best = None if atk.best is None else {"fr": atk.best["fr"], "from": atk.best["from"]}
+    meta = {"history": atk.history, "best": best, "seconds": seconds, "eps": atk.eps, "name": atk.name,
+            "made_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = entry / f".uap.{os.getpid()}.npy"
+    np.save(tmp, uap[0].numpy().astype(np.float32))
+    os.replace(tmp, entry / "uap.npy")
+    tmp = entry / f".meta.{os.getpid()}.json"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, entry / "meta.json")
