@@ -18,6 +18,7 @@ gives the time at which each of our rows first reached ART's final fooling rate.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -252,8 +253,29 @@ def bench(args) -> tuple[list[Row], dict]:
 
 # `--study`: every method and variant tried against one model; each row is what `python -m pipeline` makes
 # with these overrides (on the model's whole input set, the training split), warm-start candidates included
+KEEP_BEST = ["attack=sgd_uap", "attack.keep=best"]
 STUDY = [
-    ("sgd_uap, 3 passes (the cxr3 grid)", ["attack=sgd_uap", "attack.max_iter=3"]),
+    ("sgd_uap, 3 passes (the step-7 grid)", ["attack=sgd_uap", "attack.max_iter=3"]),
+    ("sgd_uap, 10 passes, best iterate", [*KEEP_BEST, "attack.max_iter=10"]),
+    ("step schedule: lr 0.3, cosine decay, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/step_rule=adam_cosine",
+                                                       "attack.step_rule.lr=0.3"]),
+    ("objective: unclamped cross-entropy, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack.objective.clamp=null"]),
+    ("objective: leave_class, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/objective=leave_class"]),
+    ("objective: margin (kappa 5), 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/objective=margin"]),
+    ("objective: soft_count (T 0.3), 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/objective=soft_count",
+                                                  "attack.objective.temperature=0.3"]),
+    ("sign steps (FGSM rule, always accepted), 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/step_rule=fgsm",
+                                                           "attack.step=0.002"]),
+    ("batch 8, 3 passes", [*KEEP_BEST, "attack.max_iter=3", "attack.batch_size=8"]),
+    ("batch 128, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack.batch_size=128"]),
+    ("2 random restarts x 3 passes", [*KEEP_BEST, "attack.max_iter=3", "attack.restarts=2"]),
+    ("augmented input images, 5 passes", [*KEEP_BEST, "attack.max_iter=5",
+                                          "attack.augment={shift:0.06,scale:0.08,rotate:5,brightness:0.1,contrast:0.1}"]),
+    ("larger input set: train+val, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack.input_split=train+val"]),
+    ("fgsm_uap (the paper's algorithm, batched), 15 passes", ["attack=fgsm_uap"]),
+    ("fgsm_uap_faithful (as ART), 5 passes", ["attack=fgsm_uap_faithful", "attack.max_iter=5"]),
+    ("strong_uap without warm starts", ["attack=strong_uap", "attack.warm_start=null"]),
+    ("strong_uap, targeted candidates only (no zeta ladder)", ["attack=strong_uap", "attack.warm_start.zetas=[]"]),
 ]
 
 
@@ -272,8 +294,14 @@ def study(args) -> tuple[str, list[dict]]:
     clean_test = predict(net, test, {"c": None}, device=device)["c"]
     base = [*setup_overrides(args), f"zeta={args.zeta}", f"norm={args.norm}",
             f"attack.target={args.target if args.targeted else 'null'}"]
-    rows = []
-    for name, overrides in STUDY:
+    record = study_record(args)
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    chosen = parse_rows(args.rows, len(STUDY))
+    for i, (name, overrides) in enumerate(STUDY, 1):
+        if i not in chosen:
+            if name in done:
+                log.warning("study: %-45s (measured earlier, read from %s)", name, record)
+            continue
         cfg = compose_config([*base, *overrides])
         with tempfile.TemporaryDirectory() as tmp:
             with open_dict(cfg):
@@ -286,13 +314,41 @@ def study(args) -> tuple[str, list[dict]]:
                "fr_input": atk.to(device).exact_rate(v), "fr_test": fr_of(net, test, v, clean_test, atk.target, device),
                "from": atk.best["from"] if atk.best else "last iterate"}
         log.warning("study: %-45s input %.3f test %.3f %6.1f s", name, row["fr_input"], row["fr_test"], seconds)
-        rows.append(row)
+        done[name] = row
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1))
+        os.replace(tmp, record)  # a row, once measured, survives an interrupted study
+    rows = [done[name] for name, _ in STUDY if name in done]
     head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
             f"{'TSR' if args.targeted else 'FR'} test", "returned"]
     from pipeline.report import md_table
     table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", r["passes"], f"{r['fr_input']:.3f}",
                              f"{r['fr_test']:.3f}", r["from"]] for r in rows])
     return table, rows
+
+
+def study_record(args) -> Path:
+    """Where --study keeps each measured row (JSON), per model, norm, zeta and target."""
+    what = f"{args.model}-{args.norm}-z{args.zeta:g}-{args.target if args.targeted else 'nt'}-seed{args.seed}"
+    return ROOT / "outputs" / "bench" / f"study-{what}.json"
+
+
+def parse_rows(spec: str | None, n: int) -> set[int]:
+    """--rows '1,3,14-17' (1-based, as the table lists them); None: all."""
+    if spec is None:
+        return set(range(1, n + 1))
+    out = set()
+    for part in spec.split(","):
+        a, _, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise SystemExit(f"--rows {spec!r}: expected numbers and ranges like 1,3,14-17") from None
+        if not 1 <= lo <= hi <= n:
+            raise SystemExit(f"--rows {spec!r}: rows are 1..{n}")
+        out.update(range(lo, hi + 1))
+    return out
 
 
 def eval_throughput(net, ds, eps, device) -> float:
@@ -388,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                          "--norm, --zeta, --target with --targeted), on its whole input set")
     ap.add_argument("--norm", default="linf", choices=["linf", "l2"], help="--study: the norm")
     ap.add_argument("--targeted", action="store_true", help="--study: targeted to --target")
+    ap.add_argument("--rows", default=None,
+                    help="--study: only these rows (e.g. 14-17), the others read from their record under "
+                         "outputs/bench/ (rows measured earlier are kept; default: every row, measured afresh)")
     ap.add_argument("--seed", type=int, default=42, help="seed (42: the pipeline's default, so the cached classifier is reused)")
     ap.add_argument("--out", default=None, help="markdown file for the tables (default docs/benchmarks.md; "
                                                 "--quick: none)")

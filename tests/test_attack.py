@@ -252,3 +252,23 @@ def test_bad_attack_arguments_name_the_key(phantom_model, override, key):
     _, dm, model = phantom_model
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make_attack(model, dm, "fgsm_uap", *override.split())
+
+
+def test_faithful_mode_tracks_art_on_a_tiny_set(phantom_model):
+    """The reference row of the bench: fgsm_uap_faithful against ART's UniversalPerturbation (FGSM attacker),
+    same classifier, images, eps, step and passes. ART's UAP has 3 channels where the paper's (ours) is one
+    gray image, and ART shuffles with its own generator: close, not identical."""
+    from argparse import Namespace
+
+    from pipeline import bench
+    _, dm, model = phantom_model
+    x, y = dm.dataset("train").subset(range(64)).tensors()
+    eps = zeta_to_eps(x[:, :1], 4, "linf")
+    args = Namespace(step=0.004, delta=0.0, max_iter=2, batch_size=32, seed=0, zeta=4, record_every=0)
+    net, cpu = model.net.eval(), torch.device("cpu")
+    art, _ = bench.run_art(net, x, eps, args, None, dm.num_classes, cpu)
+    ours, v = bench.run_ours("faithful", ["attack=fgsm_uap_faithful"], net, x, y, eps, args, None, dm.classes, cpu)
+    assert art.passes == ours.passes == 2
+    assert art.fr_input >= 0.3, art.fr_input  # both get somewhere: a comparison, not two zeros
+    assert abs(ours.fr_input - art.fr_input) <= 0.1, (ours.fr_input, art.fr_input)
+    assert lp_norms(v[None], "linf").item() <= eps * (1 + 1e-6)

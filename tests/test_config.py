@@ -28,6 +28,19 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
         assert cfg.attack.norm == option
 
 
+PARTS = ["initializer", "objective", "step_rule", "acceptance", "stopper"]
+
+
+@pytest.mark.parametrize("part, option", [(p, o) for p in PARTS for o in options(f"attack/{p}")])
+def test_every_attack_part_composes_and_instantiates(part, option, tmp_path):
+    from hydra.utils import instantiate
+    extra = ["attack.initializer.path=/some/uap.npy"] if option == "from_file" else []
+    cfg = make_cfg(["attack=strong_uap", f"attack/{part}={option}", *extra], tmp_path)
+    validate(cfg)
+    obj = instantiate(OmegaConf.to_container(cfg.attack[part], resolve=True))
+    assert type(obj).__module__ == f"pipeline.attack.{'step' if part == 'step_rule' else part}"
+
+
 @pytest.mark.parametrize("zeta", ["0.5", "1", "2", "4", "6", "8"])
 def test_zeta_on_the_command_line_sets_the_attack_strength(zeta, tmp_path):
     assert make_cfg([f"zeta={zeta}"], tmp_path).attack.zeta == float(zeta)

@@ -19,6 +19,7 @@ def grid(cxr3_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("strong")
     args = ["data=cxr3", f"data.root={cxr3_root}", "model=tiny", "data.image_size=64", "trainer.max_epochs=8",
             "trainer.enable_progress_bar=false", "attack=strong_uap", "attack.max_iter=2", "attack.restarts=0",
+            "attack.input_limit=320",
             f"attack.warm_start.zetas=[{','.join(map(str, ZETAS))}]", "norm=linf",
             f"zeta={','.join(map(str, ZETAS))}", "attack.target=null,normal,pneumonia,COVID-19", "-m"]
     proc = run_cli(args, root, timeout=1500)
