@@ -7,6 +7,7 @@ PYTHON  := $(BIN)/python
 HOST    ?= 127.0.0.1
 PORT    ?= 5000
 ARGS    ?=
+WORKERS ?= 2    # `make test`: pytest processes (pytest-xdist), one torch thread each
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-full run sweep report results bench transfer defense min-zeta ui server clean
@@ -19,11 +20,13 @@ install:  ## create .venv and install the package with its test and bench extras
 	$(BIN)/pip install -q -e '.[test,bench]'
 	@$(PYTHON) -c "import torch, timm, pytorch_lightning, mlflow, hydra; print('installed: torch', torch.__version__, '| timm', timm.__version__, '| lightning', pytorch_lightning.__version__, '| mlflow', mlflow.__version__)"
 
+# Tests are mostly small models and process start-up, which one torch thread per process runs as fast as
+# two: WORKERS processes of one thread each (a test file stays on one process, its fixtures built once).
 test:  ## the CI suite: unit tests, phantom end-to-end, real-data tests on ../shared/data/cxr3
-	$(BIN)/pytest -q tests $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q tests -n $(WORKERS) --dist loadfile $(ARGS)
 
 test-full:  ## everything, including tests marked slow
-	$(BIN)/pytest -q tests -m "" $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q tests -m "" -n $(WORKERS) --dist loadfile $(ARGS)
 
 run:  ## the main job on the phantom default (ARGS="data=cxr3 model=resnet18 ..." for others)
 	$(PYTHON) -m pipeline $(ARGS)

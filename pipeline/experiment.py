@@ -88,6 +88,8 @@ def run(cfg: DictConfig) -> dict:
         pl.seed_everything(cfg.seed, workers=True)
         dm: CXRDataModule = instantiate(cfg.data)
         dm.setup()
+        if cfg.task == "attack" and cfg.attack.get("uap_file"):
+            load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
         model, meta = train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id, cfg))
         tracking.mlflow.set_tag("classifier_cache", "hit" if meta["cache_hit"] else "trained")
         tracking.mlflow.set_tag("classifier_path", meta["path"])
@@ -130,7 +132,7 @@ def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[s
     """Make (or load) the UAP on the input set, evaluate it and its random control on train and test."""
     if cfg.attack.get("uap_file"):
         atk, _ = build_attack(cfg, dm, net)
-        uap, seconds = load_saved_uap(cfg, atk, dm.image_size), 0.0
+        uap, seconds = load_saved_uap(cfg, dm), 0.0
     else:
         atk, uap, seconds = make_uap(cfg, dm, net, device)
     passes = atk.passes

@@ -96,11 +96,13 @@ def trainer_kwargs(cfg: DictConfig, device) -> dict:
             "enable_progress_bar": bool(cfg.trainer.get("enable_progress_bar", True))}
 
 
-def load_saved_uap(cfg: DictConfig, atk: UAP, size: int) -> torch.Tensor:
-    """attack.uap_file, checked: readable, the right shape, finite, within eps (or projected onto the ball)."""
+def load_saved_uap(cfg: DictConfig, dm: CXRDataModule) -> torch.Tensor:
+    """attack.uap_file, checked: readable, the right shape, finite, within the eps of its input set (or
+    projected onto the ball). Needs only the data, so a run calls it before training as well."""
     path = cfg.attack.uap_file
-    v = load_uap_file(path, size)
-    return check_budget(v, atk.eps, atk.norm, bool(cfg.attack.get("project_uap_file", False)),
+    v = load_uap_file(path, dm.image_size)
+    eps = zeta_to_eps(input_set(cfg, dm).images.float().div(255), float(cfg.attack.zeta), cfg.attack.norm)
+    return check_budget(v, eps, cfg.attack.norm, bool(cfg.attack.get("project_uap_file", False)),
                         f"attack.uap_file={path}", "attack.project_uap_file")
 
 
