@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import random
+import re
 import sys
 import threading
 import time
@@ -458,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     cmd = "python -m pipeline.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.study:
+        cmd = re.sub(r" --rows[ =]\S+", "", cmd)  # one section per study, however many runs measured its rows
         table, _ = study(args)
         text = f"Machine: {machine(args.device)}; {versions()}.\n\n{table}"
         print(text)
