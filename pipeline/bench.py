@@ -324,7 +324,7 @@ def study(args) -> tuple[str, list[dict]]:
     head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
             f"{'TSR' if args.targeted else 'FR'} test", "returned"]
     from pipeline.report import md_table
-    table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", r["passes"], f"{r['fr_input']:.3f}",
+    table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", str(r["passes"]), f"{r['fr_input']:.3f}",
                              f"{r['fr_test']:.3f}", r["from"]] for r in rows])
     return table, rows
 
@@ -339,6 +339,8 @@ def parse_rows(spec: str | None, n: int) -> set[int]:
     """--rows '1,3,14-17' (1-based, as the table lists them); None: all."""
     if spec is None:
         return set(range(1, n + 1))
+    if spec == "none":  # the table from the record alone
+        return set()
     out = set()
     for part in spec.split(","):
         a, _, b = part.strip().partition("-")
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--norm", default="linf", choices=["linf", "l2"], help="--study: the norm")
     ap.add_argument("--targeted", action="store_true", help="--study: targeted to --target")
     ap.add_argument("--rows", default=None,
-                    help="--study: only these rows (e.g. 14-17), the others read from their record under "
+                    help="--study: only these rows (e.g. 14-17; none: measure nothing), the others read from their record under "
                          "outputs/bench/ (rows measured earlier are kept; default: every row, measured afresh)")
     ap.add_argument("--seed", type=int, default=42, help="seed (42: the pipeline's default, so the cached classifier is reused)")
     ap.add_argument("--out", default=None, help="markdown file for the tables (default docs/benchmarks.md; "
