@@ -272,3 +272,13 @@ def test_faithful_mode_tracks_art_on_a_tiny_set(phantom_model):
     assert art.fr_input >= 0.3, art.fr_input  # both get somewhere: a comparison, not two zeros
     assert abs(ours.fr_input - art.fr_input) <= 0.1, (ours.fr_input, art.fr_input)
     assert lp_norms(v[None], "linf").item() <= eps * (1 + 1e-6)
+
+
+def test_study_rows_selection():
+    """`python -m pipeline.bench --study --rows`: 1-based rows and ranges, 'none', and a clear error otherwise."""
+    from pipeline.bench import parse_rows
+    assert parse_rows("1,3,14-16", 17) == {1, 3, 14, 15, 16}
+    assert parse_rows(None, 3) == {1, 2, 3} and parse_rows("none", 3) == set()
+    for bad in ("0", "2-1", "18", "a"):
+        with pytest.raises(SystemExit, match="--rows"):
+            parse_rows(bad, 17)
