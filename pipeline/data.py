@@ -7,25 +7,33 @@ Items are float images in [0, 1], the grayscale channel replicated to 3 channels
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import psutil
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, instantiate
 
 log = logging.getLogger(__name__)
 
 COVIDX_CLASSES = ("normal", "pneumonia", "COVID-19")
 SPLITS = ("train", "val", "test")
+MAX_IMAGE_SIZE = 1024
+DEFAULT_MAX_PIXELS = 100_000_000
+BYTES_PER_PIXEL = 1 + 3 * 4  # the uint8 store, plus the float (N, 3, H, W) copy the attack makes of its input set
 
 
 class GrayDataset(Dataset):
@@ -109,8 +117,9 @@ class CXRDataModule(pl.LightningDataModule):
         self.augment = dict(augment) if augment else None
         self.epochs = epochs
         self.sets: dict[str, GrayDataset] = {}
-        if self.image_size < 8:
-            raise ConfigError(f"data.image_size={image_size}: expected an integer >= 8")
+        self._fingerprint: str | None = None
+        if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"data.image_size={image_size}: expected an integer in [8, {MAX_IMAGE_SIZE}]")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
         if self.batch_size < 1:
@@ -122,6 +131,19 @@ class CXRDataModule(pl.LightningDataModule):
 
     def load_splits(self) -> tuple[GrayDataset, GrayDataset]:
         raise NotImplementedError
+
+    def fingerprint_parts(self) -> list[bytes]:
+        """What identifies the data this module reads, without decoding any image."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short hash (16 hex digits) of the data this module reads; needs no setup(), memoized."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for part in self.fingerprint_parts():
+                h.update(len(part).to_bytes(8, "little") + part)
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def setup(self, stage: str | None = None) -> None:
         if self.sets:
@@ -178,7 +200,7 @@ def read_label_file(path: Path, classes: Sequence[str]) -> list[Record]:
                         f"'patient_id filename class source')")
     records: list[Record] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
         for n, raw in enumerate(fh, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -202,14 +224,37 @@ def read_label_file(path: Path, classes: Sequence[str]) -> list[Record]:
     return records
 
 
-def load_image(path: Path, crop_top: float, size: int) -> np.ndarray:
-    """The paper's preprocessing: grayscale, drop the top `crop_top` of the rows, resize to size x size."""
+def to_gray8(im: Image.Image) -> Image.Image:
+    """8-bit grayscale. 16-bit and 32-bit integer images are scaled by their true bit depth, the smallest of
+    8, 10, 12, 14, 16 bits holding their maximum (12-bit exports in 16-bit PNGs are common); float images,
+    and integers outside [0, 65535], by their min-max range. Other modes convert as PIL does."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im.convert("L")
+    a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    lo, hi = float(a.min()), float(a.max())
+    if im.mode != "F" and lo >= 0 and hi < 2 ** 16:
+        lo, hi = 0.0, float(2 ** next(b for b in (8, 10, 12, 14, 16) if hi < 2 ** b) - 1)
+    a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8))
+
+
+def load_image(path: Path, crop_top: float, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The paper's preprocessing: grayscale, drop the top `crop_top` of the rows, resize to size x size.
+    An image of more than `max_pixels` pixels is refused from its header, before it is decoded."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("L")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is max_pixels
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise DataError(f"image {path} is {w}x{h} = {w * h:_} pixels, more than "
+                                    f"data.max_pixels={max_pixels:_}: downscale it or raise data.max_pixels")
+                im.load()
+                im = to_gray8(im)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is too large for PIL: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e} (expected a readable PNG/JPEG image)") from None
     w, h = im.size
@@ -224,7 +269,8 @@ class CovidxDataModule(CXRDataModule):
     """A COVIDx-format folder: `train.txt` / `test.txt` and an image folder per split."""
 
     def __init__(self, root: str, train_file: str = "train.txt", test_file: str = "test.txt",
-                 train_dir: str = "train", test_dir: str = "test", crop_top: float = 1 / 6, **kw):
+                 train_dir: str = "train", test_dir: str = "test", crop_top: float = 1 / 6,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, **kw):
         super().__init__(**kw)
         if root in (None, "", "???"):
             raise ConfigError("data.root is not set: expected the path of a COVIDx-format folder, "
@@ -234,6 +280,17 @@ class CovidxDataModule(CXRDataModule):
         self.crop_top = float(crop_top)
         if not 0 <= self.crop_top < 1:
             raise ConfigError(f"data.crop_top={crop_top}: expected a fraction in [0, 1)")
+        self.max_pixels = int(max_pixels)
+        if self.max_pixels < 1:
+            raise ConfigError(f"data.max_pixels={max_pixels}: expected an integer >= 1")
+
+    def check_root(self) -> None:
+        """data.root must be an existing folder."""
+        expected = f"expected a folder with {self.files['train'][0]} and {self.files['test'][0]}"
+        if not self.root.exists():
+            raise DataError(f"data.root not found: {self.root} ({expected})")
+        if not self.root.is_dir():
+            raise DataError(f"data.root={self.root} is not a folder ({expected})")
 
     def read_split(self, split: str) -> tuple[list[Record], Path]:
         label_file, image_dir = self.files[split]
@@ -248,31 +305,68 @@ class CovidxDataModule(CXRDataModule):
                             f"every split needs every class {self.classes}")
         return records, folder
 
-    def load_split(self, split: str) -> GrayDataset:
-        records, folder = self.read_split(split)
-        root = folder.resolve()
-        imgs = np.empty((len(records), 1, self.image_size, self.image_size), dtype=np.uint8)
-        for i, r in enumerate(records):
-            path = folder / r.filename
-            if root not in path.resolve().parents:
+    def image_paths(self, split: str, records: list[Record], folder: Path) -> list[Path]:
+        """The resolved path of every image of a split; none may leave the image folder (symlinks)."""
+        root, paths = folder.resolve(), []
+        for r in records:
+            path = (folder / r.filename).resolve()
+            if root not in path.parents:
                 raise DataError(f"{self.root / self.files[split][0]}:{r.line}: {r.filename!r} escapes the image folder {folder}")
-            imgs[i, 0] = load_image(path, self.crop_top, self.image_size)
+            paths.append(path)
+        return paths
+
+    def load_split(self, records: list[Record], paths: list[Path]) -> GrayDataset:
+        imgs = np.empty((len(records), 1, self.image_size, self.image_size), dtype=np.uint8)
+        for i, path in enumerate(paths):
+            imgs[i, 0] = load_image(path, self.crop_top, self.image_size, self.max_pixels)
         labels = torch.tensor([r.label for r in records])
         return GrayDataset(torch.from_numpy(imgs), labels, [r.patient for r in records])
 
+    def check_memory(self, n_images: int) -> None:
+        """Refuse a data set whose images (uint8 store plus the attack's float copy) would not fit in memory."""
+        need, avail = n_images * self.image_size ** 2 * BYTES_PER_PIXEL, psutil.virtual_memory().available
+        if need > avail:
+            raise ConfigError(f"data.image_size={self.image_size}: {n_images} images need about {need / 2 ** 30:.1f} GiB "
+                              f"of memory, only {avail / 2 ** 30:.1f} GiB is available: lower data.image_size")
+
     def load_splits(self):
-        if not self.root.is_dir():
-            raise DataError(f"data.root not found: {self.root} (expected a folder with "
-                            f"{self.files['train'][0]} and {self.files['test'][0]})")
+        self.check_root()
         # parse both label files first so that a malformed line fails before any image is read
-        for split in self.files:
-            self.read_split(split)
+        parsed = {split: self.read_split(split) for split in ("train", "test")}
+        paths = {split: self.image_paths(split, *parsed[split]) for split in parsed}
+        self.check_memory(sum(len(p) for p in paths.values()))
+        root = self.root.resolve()
+        warn_overlap("images", {os.path.relpath(p, root) for p in set(paths["train"]) & set(paths["test"])})
         log.info("reading images from %s (crop_top=%.3f, %d px)", self.root, self.crop_top, self.image_size)
-        train, test = self.load_split("train"), self.load_split("test")
-        overlap = set(train.patients) & set(test.patients)
-        if overlap:
-            log.warning("%d patients appear in both train and test (e.g. %s)", len(overlap), sorted(overlap)[:3])
+        train, test = (self.load_split(parsed[s][0], paths[s]) for s in ("train", "test"))
+        warn_overlap("patients", set(train.patients) & set(test.patients))
         return train, test
+
+    def fingerprint_parts(self) -> list[bytes]:
+        """Each label file's bytes, and each listed image's name, size and mtime (os.stat, no decoding)."""
+        self.check_root()
+        parts = []
+        for split, (label_file, image_dir) in self.files.items():
+            records, folder = self.read_split(split)
+            parts.append((self.root / label_file).read_bytes())
+            for r in records:
+                try:
+                    st = os.stat(folder / r.filename)
+                except FileNotFoundError:
+                    raise DataError(f"image not found: {folder / r.filename}") from None
+                parts.append(f"{image_dir}/{r.filename} {st.st_size} {st.st_mtime_ns}".encode())
+        return parts
+
+
+def warn_overlap(what: str, common: set[str]) -> None:
+    """Warn when train and test share patients or image files (count and up to 3 examples)."""
+    if common:
+        log.warning("%d %s appear in both train and test (e.g. %s)", len(common), what, sorted(common)[:3])
+
+
+def data_fingerprint(data_cfg) -> str:
+    """The fingerprint of the data a `data` config reads (see CXRDataModule.fingerprint)."""
+    return instantiate(data_cfg).fingerprint()
 
 
 # --------------------------------------------------------------------------- phantom
@@ -290,6 +384,13 @@ class PhantomDataModule(CXRDataModule):
         self.n = {"train": int(n_train), "test": int(n_test)}
         self.noise = float(noise)
         self.strength = float(finding_strength)
+
+    def fingerprint_parts(self) -> list[bytes]:
+        """The phantom is generated from its parameters: they are its data."""
+        params = {"n_train": self.n["train"], "n_test": self.n["test"], "noise": self.noise,
+                  "finding_strength": self.strength, "seed": self.seed, "image_size": self.image_size,
+                  "classes": self.classes}
+        return [b"phantom", json.dumps(params, sort_keys=True).encode()]
 
     def load_splits(self):
         out = []

@@ -1,12 +1,21 @@
 """Data: the phantom set and the COVIDx reader, including every bad input's clear error."""
+import logging
+import os
+import shutil
+import time
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import psutil
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from pipeline.data import CovidxDataModule, PhantomDataModule, load_image, patient_split
+from conftest import make_cfg
+from pipeline.data import CovidxDataModule, PhantomDataModule, data_fingerprint, load_image, patient_split
 from pipeline.errors import ConfigError, DataError
 
 CLASSES = ["normal", "pneumonia", "COVID-19"]
@@ -94,6 +103,7 @@ def test_preprocessing_crops_the_top_sixth_and_resizes(tmp_path):
 
 @pytest.mark.parametrize("case, expect", [
     ("missing_root", "data.root not found"),
+    ("root_is_a_file", "is not a folder"),
     ("missing_label", "label file not found"),
     ("empty_label", "label file is empty"),
     ("fields", "train.txt:2: expected 4 space-separated fields"),
@@ -112,6 +122,8 @@ def test_bad_input_gives_one_clear_error(tmp_path, case, expect):
     write_set(root, train, test)
     if case == "missing_root":
         root = tmp_path / "nope"
+    elif case == "root_is_a_file":
+        root = root / "train.txt"
     elif case == "missing_label":
         (root / "test.txt").unlink()
     elif case == "empty_label":
@@ -146,3 +158,157 @@ def test_bad_input_gives_one_clear_error(tmp_path, case, expect):
 def test_unset_root_is_a_config_error():
     with pytest.raises(ConfigError, match="data.root is not set"):
         CovidxDataModule(root="???")
+
+
+# --------------------------------------------------------------------------- image depth and size
+
+def save16(path: Path, a: np.ndarray) -> None:
+    im = Image.fromarray(a.astype(np.uint16))
+    assert im.mode == "I;16"
+    im.save(path)
+
+
+def test_16_and_12_bit_pngs_load_like_their_8_bit_original(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (60, 50)).astype(np.uint16)
+    Image.fromarray(x.astype(np.uint8)).save(tmp_path / "a8.png")
+    save16(tmp_path / "a16.png", x * 257)
+    save16(tmp_path / "a12.png", x * 16 + x // 16)
+    ref = load_image(tmp_path / "a8.png", 1 / 6, 24)
+    # the 8-bit path is today's: convert("L"), crop, bilinear resize
+    with Image.open(tmp_path / "a8.png") as im:
+        old = np.asarray(im.convert("L").crop((0, 10, 50, 60)).resize((24, 24), Image.BILINEAR))
+    assert np.array_equal(ref, old)
+    for name in ("a16.png", "a12.png"):
+        out = load_image(tmp_path / name, 1 / 6, 24)
+        diff = np.abs(out.astype(int) - ref)
+        assert diff.max() <= 1 and diff.mean() < 0.5, name
+
+
+def test_float_image_is_scaled_by_its_range(tmp_path):
+    Image.fromarray(np.linspace(-3, 5, 40 * 30, dtype=np.float32).reshape(40, 30)).save(tmp_path / "f.tif")
+    out = load_image(tmp_path / "f.tif", 0.0, 30)
+    assert out.min() <= 2 and out.max() >= 253
+
+
+def test_16_bit_copy_of_a_cxr3_image_loads_like_the_original(tmp_path, cxr3_root):
+    src = sorted((cxr3_root / "images").glob("*.png"))[0]
+    with Image.open(src) as im:
+        x = np.asarray(im.convert("L")).astype(np.uint16)
+    save16(tmp_path / "c16.png", x * 257)
+    ref, out = load_image(src, 1 / 6, 128), load_image(tmp_path / "c16.png", 1 / 6, 128)
+    assert abs(float(out.mean()) - float(ref.mean())) < 0.5
+
+
+def test_an_image_over_max_pixels_is_refused_from_its_header(tmp_path):
+    write_set(tmp_path, good_lines("p"), good_lines("q", 2, 2))  # 60 x 40 images
+    name = tmp_path / "images" / "p_normal_0.png"
+    data = name.read_bytes()
+    name.write_bytes(data[: len(data) // 2])  # truncated: decoding it would fail otherwise
+    with pytest.raises(DataError) as err:
+        dm_for(tmp_path, max_pixels=1000).setup()
+    msg = str(err.value)
+    assert "p_normal_0.png" in msg and "60x40" in msg and "data.max_pixels=1_000" in msg
+    with pytest.raises(ConfigError, match="data.max_pixels=0"):
+        dm_for(tmp_path, max_pixels=0)
+
+
+def test_pil_decompression_bomb_names_the_file_and_its_warning_is_silenced(tmp_path, monkeypatch):
+    write_set(tmp_path, good_lines("p"), good_lines("q", 2, 2))  # 2400 pixels each
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # PIL warns above 2000, fails above 4000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        dm_for(tmp_path).setup()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"images/p_normal_0\.png is too large for PIL"):
+        dm_for(tmp_path).setup()
+
+
+def test_image_size_above_1024_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"data.image_size=2048: expected an integer in \[8, 1024\]"):
+        PhantomDataModule(image_size=2048)
+    PhantomDataModule(image_size=1024)
+
+
+def test_a_set_that_does_not_fit_in_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    write_set(tmp_path, good_lines("p"), good_lines("q", 2, 2))
+    (tmp_path / "images" / "p_normal_0.png").write_text("not read")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 ** 20))  # 1 MiB
+    with pytest.raises(ConfigError) as err:
+        CovidxDataModule(root=str(tmp_path), train_dir="images", test_dir="images", image_size=1024).setup()
+    assert "data.image_size=1024: 18 images need about 0.2 GiB" in str(err.value)
+    assert "only 0.0 GiB is available" in str(err.value)
+    dm_for(tmp_path).check_memory(18)  # 16 px: 60 KB, fits
+
+
+# --------------------------------------------------------------------------- label files
+
+def test_a_utf8_bom_in_a_label_file_is_ignored(tmp_path):
+    write_set(tmp_path, good_lines("p"), good_lines("q", 2, 2))
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "train.txt").read_bytes())
+    train, test = dm_for(tmp_path).load_splits()
+    assert train.patients[0] == "pnormal0" and len(train) == 12
+
+
+def test_an_image_in_both_train_and_test_is_warned(tmp_path, caplog):
+    train, test = good_lines("p"), good_lines("q", 2, 2)
+    test[0] = "other " + train[0].split(" ", 1)[1]  # another patient id, the same file
+    write_set(tmp_path, train, test)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        dm_for(tmp_path).setup()
+    assert "1 images appear in both train and test (e.g. ['images/p_normal_0.png'])" in caplog.text
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+def test_fingerprint_follows_the_labels_and_the_image_files(tmp_path):
+    root = tmp_path / "set"
+    write_set(root, good_lines("p"), good_lines("q", 2, 2))
+    fp = lambda: dm_for(root).fingerprint()  # noqa: E731 - a fresh module: fingerprints are memoized
+    dm = dm_for(root)
+    first = dm.fingerprint()
+    assert len(first) == 16 and int(first, 16) >= 0 and not dm.sets  # no setup() needed
+    assert fp() == first
+    # an identical copy elsewhere (copy2 keeps mtimes)
+    shutil.copytree(root, tmp_path / "copy")
+    assert dm_for(tmp_path / "copy").fingerprint() == first
+    # one label changed
+    train = (root / "train.txt").read_text()
+    (root / "train.txt").write_text(train.replace("p_normal_0.png normal", "p_normal_0.png pneumonia"))
+    assert fp() != first and dm.fingerprint() == first
+    (root / "train.txt").write_text(train)
+    assert fp() == first
+    # an image touched to another mtime
+    img = root / "images" / "q_COVID-19_1.png"
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert fp() != first
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fp() == first
+    # an image rewritten
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(img)
+    assert fp() != first
+
+
+def test_fingerprint_of_the_phantom_is_its_parameters_and_of_a_config():
+    a = PhantomDataModule(image_size=32, n_train=60, n_test=30, seed=0)
+    assert a.fingerprint() == PhantomDataModule(image_size=32, n_train=60, n_test=30, seed=0).fingerprint()
+    for kw in ({"seed": 1}, {"image_size": 48}, {"noise": 0.05}, {"finding_strength": 0.5}, {"n_test": 33}):
+        assert PhantomDataModule(**{"image_size": 32, "n_train": 60, "n_test": 30, "seed": 0, **kw}).fingerprint() \
+            != a.fingerprint(), kw
+    cfg = make_cfg(["data=phantom", "seed=3"]).data
+    assert data_fingerprint(cfg) == PhantomDataModule(**{k: v for k, v in cfg.items() if k != "_target_"}).fingerprint()
+
+
+def test_data_fingerprint_of_a_covidx_config(tmp_path):
+    write_set(tmp_path, good_lines("p"), good_lines("q", 2, 2))
+    cfg = OmegaConf.create({"_target_": "pipeline.data.CovidxDataModule", "root": str(tmp_path),
+                            "train_dir": "images", "test_dir": "images"})
+    assert data_fingerprint(cfg) == dm_for(tmp_path).fingerprint()
+
+
+def test_fingerprint_of_cxr3_is_fast(cxr3_root):
+    t = time.perf_counter()
+    fp = data_fingerprint(make_cfg(["data=cxr3", f"data.root={cxr3_root}"]).data)
+    dt = time.perf_counter() - t
+    print(f"cxr3 fingerprint {fp} in {dt:.3f} s")
+    assert dt < 1
