@@ -4,8 +4,10 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
-HOST    ?= 127.0.0.1
-PORT    ?= 5000
+# the MLflow UI / server bind address: 127.0.0.1 (this machine only) unless you set MLFLOW_HOST=...
+# (not HOST, which many shells set to the machine's name)
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
 ARGS    ?=
 WORKERS ?= 2    # `make test`: pytest processes (pytest-xdist), one torch thread each
 
@@ -54,10 +56,10 @@ min-zeta:  ## smallest zeta reaching a target FR, by bisection (ARGS="min_zeta.t
 	$(PYTHON) -m pipeline task=min_zeta $(ARGS)
 
 ui:  ## MLflow UI on the local store (http://127.0.0.1:5000)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
-server:  ## MLflow tracking server for parallel jobs (tracking=server); binds 127.0.0.1 unless HOST=...
-	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts --host $(HOST) --port $(PORT)
+server:  ## MLflow tracking server for parallel jobs (tracking=server); binds 127.0.0.1 unless MLFLOW_HOST=...
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean:  ## remove run outputs, caches and the local MLflow store (keeps .venv)
 	rm -rf outputs mlruns mlartifacts mlflow.db .pytest_cache lightning_logs

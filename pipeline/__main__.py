@@ -26,27 +26,56 @@ def is_multirun() -> bool:
 
 def guarded(task, cfg: DictConfig):
     """Run a task: a user error prints one clear line and exits 2 (no traceback unless HYDRA_FULL_ERROR=1);
-    inside a multirun a failing job is logged (and FAILED in MLflow) and the sweep goes on."""
+    inside a multirun a failing job is logged (and FAILED in MLflow), its outcome written for the sweep's
+    end-of-run block, and the sweep goes on."""
+    multirun = is_multirun()
     try:
-        return task(cfg)
+        result = task(cfg)
     except (UserError, OmegaConfBaseException) as e:
         # a user error: one clear line, no traceback (HYDRA_FULL_ERROR=1 shows it)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" and not multirun:
             raise
         log.error("%s", e)
-        if is_multirun():
-            return None
+        if multirun:
+            return record("FAILED", f"{type(e).__name__}: {e}")
         sys.exit(2)
-    except Exception:
-        if is_multirun():  # the run is FAILED in MLflow with the error tagged; the sweep goes on
+    except Exception as e:
+        if multirun:  # the run is FAILED in MLflow with the error tagged; the sweep goes on
             log.exception("job failed; the sweep continues")
-            return None
+            return record("FAILED", f"{type(e).__name__}: {e}")
         raise
+    except (KeyboardInterrupt, SystemExit) as e:
+        if multirun:
+            record("KILLED", f"interrupted ({type(e).__name__}: {e})")
+            if in_worker():  # a joblib / loky worker: take no further job from the queue
+                logging.shutdown()
+                os._exit(143)
+        raise
+    if multirun:
+        record("FINISHED")
+    return result
+
+
+def record(status: str, error: str = "") -> None:
+    from pipeline.sweep import record_job
+    record_job(status, error)
+
+
+def in_worker() -> bool:
+    """This process runs jobs for a sweep launched by another process (joblib workers)."""
+    from pipeline.sweep import LAUNCHER_ENV, launcher
+    return os.environ.get(LAUNCHER_ENV, launcher()) != launcher()
 
 
 def interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler, `kill`) ends the job like Ctrl-C: the MLflow run is closed KILLED, nothing lost."""
+    """SIGTERM (a scheduler, `kill`) ends a job like Ctrl-C: the MLflow run is closed KILLED, nothing lost.
+    The process that launches a sweep has its own handler (pipeline.sweep.stop_on_signal), kept."""
+    if is_multirun() and not in_worker():
+        return
+
     def handler(signum, frame):
+        from pipeline.sweep import State
+        State.signal = signum
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, handler)
 
@@ -60,5 +89,19 @@ def main(cfg: DictConfig) -> float | None:
     return None if metrics is None else metrics.get("test_fr", metrics.get("test_acc"))
 
 
+def cli() -> None:
+    """A sweep exits 1 when a job did not finish (listed at its end), 128 + signal when interrupted."""
+    from pipeline import sweep
+    try:
+        main()
+    except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns an interruption into SystemExit(1)
+        if isinstance(e, SystemExit) and sweep.State.signal is None:
+            raise  # a plain exit (a user error's 2)
+        if sweep.State.run_id is None:  # a single run: its MLflow run is already closed KILLED
+            sys.exit(128 + (sweep.State.signal or signal.SIGINT))
+        sys.exit(sweep.interrupted())
+    sys.exit(sweep.State.exit_code)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

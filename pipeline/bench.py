@@ -199,14 +199,9 @@ def attack_config(args, overrides: list[str]):
 
 def run_ours(name, overrides, net, x, y, eps, args, target, classes, device) -> tuple[Row, torch.Tensor]:
     """One row: the attack composed from conf/attack (+ overrides), made on x with the bench's eps and seed."""
-    from omegaconf import OmegaConf
-
-    from pipeline.uaps import TASK_KEYS, instantiate_attack
-    a = OmegaConf.to_container(attack_config(args, overrides), resolve=True)
-    for k in TASK_KEYS:
-        a.pop(k, None)
-    a.update(eps=eps, record_fr=True, target=None if target is None else classes[target])
-    atk = instantiate_attack(a, classifier=net, image_size=x.shape[-1], classes=classes)
+    from pipeline.uaps import new_attack
+    atk = new_attack(attack_config(args, overrides), net, x.shape[-1], classes, eps=eps, record_fr=True,
+                     target=None if target is None else classes[target])
     atk.record_every = args.record_every
     with PeakRSS() as mem:
         t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """The classifier: a LightningModule around a timm model (3 classes, 3 input channels), and its cache.
 
 Trained classifiers are cached under `paths.cache_dir/classifiers/<hash>/` where the hash covers the
-config parts that define them (data, model, optim, trainer, seed): a sweep over attack x norm x zeta
-trains each model once. A file lock makes concurrent jobs wait for the one that trains.
+config parts that define them (data, model, optim, trainer, seed) and a fingerprint of the data actually
+read (label files' content, image files' sizes and mtimes): a sweep over attack x norm x zeta trains each
+model once, and edited data is never served a classifier trained on the old. A file lock makes concurrent jobs wait for the one that trains.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.data import data_fingerprint
 from pipeline.errors import ConfigError, UserError
 from pipeline.metrics import accuracy, class_metrics, confusion
 
@@ -167,19 +169,29 @@ class BestWeights(pl.Callback):
 
 # --------------------------------------------------------------------------- cache
 
-def defining_config(cfg: DictConfig) -> dict:
-    """The config parts that define a trained classifier (resolved, without presentation-only keys)."""
+def data_key(cfg: DictConfig, dm=None) -> str:
+    """The fingerprint of the data this config reads (pipeline.data: label files, image sizes and mtimes).
+    A folder that cannot be read has none: the run then fails on it at once, with its error."""
+    try:
+        return dm.fingerprint() if dm is not None else data_fingerprint(cfg.data)
+    except UserError:
+        return "unreadable"
+
+
+def defining_config(cfg: DictConfig, dm=None) -> dict:
+    """The config parts that define a trained classifier (resolved, without presentation-only keys), and
+    the fingerprint of its data."""
     def strip(d):
         if isinstance(d, dict):
             return {k: strip(v) for k, v in d.items() if k not in NON_DEFINING}
         return d
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optim", "trainer")}
     parts["trainer"]["max_epochs"] = cfg.trainer.max_epochs
-    return {**strip(parts), "seed": cfg.seed, "cache_version": CACHE_VERSION}
+    return {**strip(parts), "seed": cfg.seed, "cache_version": CACHE_VERSION, "data_fingerprint": data_key(cfg, dm)}
 
 
-def classifier_key(cfg: DictConfig) -> str:
-    blob = json.dumps(defining_config(cfg), sort_keys=True, default=str)
+def classifier_key(cfg: DictConfig, dm=None) -> str:
+    blob = json.dumps(defining_config(cfg, dm), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -217,7 +229,7 @@ def new_classifier(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
 
 def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
     """The classifier for this config: from the cache when present and valid, else trained and cached."""
-    key = classifier_key(cfg)
+    key = classifier_key(cfg, dm)
     entry = Path(cfg.paths.cache_dir) / "classifiers" / key
     ckpt = entry / "classifier.pt"
     entry.mkdir(parents=True, exist_ok=True)
@@ -247,7 +259,7 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
                 "val_acc": best.best[0] if best.best else None, "train_seconds": round(time.time() - t0, 1),
                 "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "image_size": dm.image_size}
         save_checkpoint(model, ckpt, meta)
-        (entry / "config.json").write_text(json.dumps(defining_config(cfg), indent=2, default=str))
+        (entry / "config.json").write_text(json.dumps(defining_config(cfg, dm), indent=2, default=str))
         log.info("classifier trained in %.0f s (best val_acc %.3f at epoch %d), cached at %s",
                  meta["train_seconds"], meta["val_acc"] or float("nan"), best.epoch, ckpt)
         return model, {**meta, "cache_hit": False, "path": str(ckpt)}

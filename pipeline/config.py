@@ -8,6 +8,7 @@ from typing import Any, Collection
 from omegaconf import DictConfig
 
 from pipeline.attack import NORMS
+from pipeline.data import MAX_IMAGE_SIZE
 from pipeline.errors import ConfigError
 
 TASKS = ("train", "attack", "min_zeta")
@@ -16,14 +17,15 @@ TASKS = ("train", "attack", "min_zeta")
 def validate(cfg: DictConfig) -> None:
     if cfg.get("task") not in TASKS:
         raise ConfigError(f"task={cfg.get('task')!r}: expected one of {list(TASKS)}")
-    if not isinstance(cfg.seed, int):
-        raise ConfigError(f"seed={cfg.seed!r}: expected an integer")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed!r}: expected an integer in [0, 2**32)")
     classes = list(cfg.data.classes)
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise ConfigError(f"data.classes={classes}: expected at least 2 distinct class names")
     size, min_size = cfg.data.image_size, cfg.model.get("min_image_size", 32)
-    if not isinstance(size, int) or size < min_size:
-        raise ConfigError(f"data.image_size={size}: model {cfg.model.arch} needs an integer >= {min_size}")
+    if not isinstance(size, int) or not min_size <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"data.image_size={size}: expected an integer in [{min_size}, {MAX_IMAGE_SIZE}] "
+                          f"(model {cfg.model.arch} needs >= {min_size})")
     epochs = cfg.trainer.max_epochs
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"trainer.max_epochs={epochs}: expected an integer >= 1")
@@ -51,6 +53,9 @@ def validate(cfg: DictConfig) -> None:
                           f" (train+val)")
     if a.input_limit is not None and (not isinstance(a.input_limit, int) or a.input_limit < 1):
         raise ConfigError(f"attack.input_limit={a.input_limit}: expected null or an integer >= 1")
+    if cfg.task != "train":
+        from pipeline.uaps import check_attack
+        check_attack(cfg)
 
 
 def stable_hash(obj: Any, drop: Collection[str] = ()) -> str:

@@ -11,3 +11,19 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A config value is out of range or unknown."""
+
+
+def instantiate(config, **kwargs):
+    """hydra.utils.instantiate, except that a user error raised by the class (a ConfigError naming its key)
+    surfaces as itself rather than wrapped in Hydra's InstantiationException."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+    try:
+        return hydra_instantiate(config, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise

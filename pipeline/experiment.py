@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from pipeline import plots, sweep, tracking
@@ -17,7 +17,7 @@ from pipeline.attack import lp_norms, random_uap
 from pipeline.classifier import classifier_key, train_or_load
 from pipeline.config import validate
 from pipeline.data import CXRDataModule
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, instantiate
 from pipeline.evaluate import predict
 from pipeline.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate
 from pipeline.uaps import build_attack, input_set, load_saved_uap, make_uap
@@ -38,6 +38,8 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     tags = {"config_hash": classifier_key(cfg), "job_hash": sweep.job_hash(cfg), "task": cfg.task}
     if cfg.get("sweep_name"):
         tags["sweep"] = cfg.sweep_name
+    if os.environ.get(sweep.LAUNCHER_ENV):  # which process launched it (an interrupted sweep closes its own)
+        tags["sweep_launcher"] = os.environ[sweep.LAUNCHER_ENV]
     try:
         from hydra.core.hydra_config import HydraConfig
         hc = HydraConfig.get()
@@ -66,14 +68,20 @@ def run(cfg: DictConfig) -> dict:
     """Run one experiment and return its metrics (also logged to MLflow and written to metrics.json).
 
     Inside a sweep (a parent run is open), a job whose identical config already has a FINISHED run in
-    the store is skipped (`resume: true`), so re-running a sweep only runs what is missing or failed.
+    the store is skipped (`resume: true`), so re-running a sweep only runs what is missing or failed; a
+    job another process is running is waited for (`sweep.claim`), not done twice.
     """
     parent_run_id = sweep.parent_run_id()
-    if parent_run_id and cfg.get("resume", True):
-        done = sweep.finished_run(tracking.setup(cfg.tracking), sweep.job_hash(cfg), cfg.get("sweep_name"))
+    if not parent_run_id:
+        return run_job(cfg, None)
+    with sweep.claim(cfg, tracking.setup(cfg.tracking)) as done:
         if done:
             log.info("skipped: this job's config already has a FINISHED run (%s)", done)
             return dict(tracking.mlflow.get_run(done).data.metrics)
+        return run_job(cfg, parent_run_id)
+
+
+def run_job(cfg: DictConfig, parent_run_id: str | None) -> dict:
     out = output_dir(cfg)
     name = f"{cfg.model.arch}-{cfg.task}" + (f"-{cfg.attack.name}-{cfg.attack.norm}-z{cfg.attack.zeta}"
                                              f"-{cfg.attack.target or 'nontargeted'}" if cfg.task == "attack" else "")

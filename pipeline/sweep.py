@@ -3,6 +3,17 @@
 The Hydra callback (registered in conf/hydra/default.yaml) opens the parent run when a multirun
 starts and passes its id to the jobs through the environment (so it reaches joblib workers and SLURM
 jobs too); at the end it logs a summary table of the children to the parent and closes it.
+
+Nothing is lost or done twice when sweeps overlap or stop:
+
+- the parent is found or created under a file lock per sweep (`paths.cache_dir/sweeps/`), and every
+  process running the sweep registers there: the same sweep started twice shares one parent, and the
+  last process to end closes it;
+- a job runs under a file lock on its config (`claim`): a second process waits for it, then skips it;
+- each job writes `job_status.json` into its folder; at the end the sweep prints the jobs that did not
+  finish, with their errors, in one block, and `python -m pipeline` exits 1;
+- SIGTERM or Ctrl-C stops the workers (each closes its run KILLED), marks this process's running
+  children KILLED and, unless another process still runs the sweep, the parent KILLED; a rerun resumes.
 """
 from __future__ import annotations
 
@@ -10,16 +21,25 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import socket
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "UAP_CXR_PARENT_RUN_ID"
+LAUNCHER_ENV = "UAP_CXR_SWEEP_LAUNCHER"  # "host:pid" of the process that launched the sweep's jobs
+STATUS_FILE = "job_status.json"
+DONE = ("FINISHED",)
+WORKER_GRACE = 60  # seconds the workers get to close their runs after a signal
 SUMMARY_METRICS = ["test_acc", "train_fr", "train_fr_random", "test_fr", "test_fr_random", "train_tsr",
                    "train_tsr_random", "test_tsr", "test_tsr_random", "eps", "uap_norm", "uap_seconds", "uap_passes"]
 # keys that do not change a job's result, left out of its identity
@@ -28,15 +48,16 @@ NOT_IDENTITY = {"paths", "tracking", "hydra", "enable_progress_bar", "log_every_
 
 
 def job_hash(cfg: DictConfig) -> str:
-    """Identity of a job's result: the resolved config without paths, tracking and presentation keys, and
-    the classifier and UAP cache versions (runs made before a code change that alters training or the
-    attacks are not reused)."""
-    from pipeline.classifier import CACHE_VERSION
+    """Identity of a job's result: the resolved config without paths, tracking and presentation keys, the
+    fingerprint of the data it reads (edited data is not a done job), and the classifier and UAP cache
+    versions (runs made before a code change that alters training or the attacks are not reused)."""
+    from pipeline.classifier import CACHE_VERSION, data_key
     from pipeline.config import stable_hash
     from pipeline.uaps import UAP_CACHE_VERSION
     container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                  for k in cfg if k not in NOT_IDENTITY}
-    container.update(cache_version=CACHE_VERSION, uap_cache_version=UAP_CACHE_VERSION)
+    container.update(cache_version=CACHE_VERSION, uap_cache_version=UAP_CACHE_VERSION,
+                     data_fingerprint=data_key(cfg))
     return stable_hash(container, NOT_IDENTITY)
 
 
@@ -56,10 +77,17 @@ def finished_run(experiment_id: str, jhash: str, sweep_name: str | None) -> str 
 
 
 def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
+    """One row per job (by job hash) among the parent's children: its FINISHED run if it has one (a job
+    KILLED and later redone counts once, as finished), else its latest run."""
     runs = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              output_format="list", max_results=10000)
-    rows = []
+                              output_format="list", max_results=10000, order_by=["attributes.start_time ASC"])
+    jobs: dict[str, Any] = {}
     for r in runs:
+        key = r.data.tags.get("job_hash", r.info.run_id)
+        if key not in jobs or jobs[key].info.status not in DONE:
+            jobs[key] = r
+    rows = []
+    for r in jobs.values():
         row = {"run_id": r.info.run_id, "status": r.info.status, "overrides": r.data.tags.get("overrides", "")}
         row.update({m: r.data.metrics.get(m) for m in SUMMARY_METRICS if m in r.data.metrics})
         rows.append(row)
@@ -74,59 +102,257 @@ def write_summary(rows: list[dict], path: Path) -> Path:
     return path
 
 
-class MLflowParentRun(Callback):
-    """Opens an MLflow parent run per multirun and closes it with a summary of its child runs."""
+# --------------------------------------------------------------------------- jobs
 
-    def __init__(self) -> None:
-        self.run_id: str | None = None
-        self.experiment_id: str | None = None
+def launcher() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def job_lock(cfg: DictConfig, jhash: str) -> FileLock:
+    path = Path(cfg.paths.cache_dir) / "jobs" / f"{jhash}-{cfg.get('sweep_name') or 'adhoc'}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
+@contextmanager
+def claim(cfg: DictConfig, experiment_id: str):
+    """Hold this job (a file lock on its config) while it runs; yields the id of a FINISHED run of it, if
+    the store has one by then. A process that finds the job claimed waits for it, then finds it done."""
+    jhash = job_hash(cfg)
+    lock = job_lock(cfg, jhash)
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        log.info("another process is running this job; waiting for it")
+        lock.acquire()
+    try:
+        yield finished_run(experiment_id, jhash, cfg.get("sweep_name")) if cfg.get("resume", True) else None
+    finally:
+        lock.release()
+
+
+def record_job(status: str, error: str = "") -> None:
+    """Write this job's outcome into its folder, for the sweep's end-of-run block (multirun jobs only)."""
+    from hydra.core.hydra_config import HydraConfig
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STATUS_FILE).write_text(json.dumps({"num": hc.job.num, "overrides": " ".join(hc.overrides.task),
+                                               "status": status, "error": error[:2000]}))
+
+
+def job_outcomes(sweep_dir: Path) -> list[dict]:
+    """The outcome of every job started in this sweep folder; a job folder without one crashed or was killed."""
+    out = []
+    for d in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        f = d / STATUS_FILE
+        try:
+            out.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            out.append({"num": int(d.name), "overrides": "", "status": "NO STATUS",
+                        "error": f"the job left no {STATUS_FILE} in {d} (killed or crashed)"})
+    return out
+
+
+def failure_block(name: str, outcomes: list[dict]) -> str | None:
+    bad = [o for o in outcomes if o["status"] not in DONE]
+    if not bad:
+        return None
+    lines = [f"sweep {name!r}: {len(bad)} of {len(outcomes)} jobs did not finish:"]
+    lines += [f"  #{o['num']} {o['overrides'] or '(no overrides)'}: {o['status']}: {o['error'].splitlines()[0] if o['error'] else ''}"
+              for o in bad]
+    lines.append("fix the cause and rerun the same command: finished jobs are skipped")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the sweep's processes
+
+def sweep_lock(cache_dir: str, shash: str) -> tuple[FileLock, Path]:
+    folder = Path(cache_dir) / "sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{shash}.lock")), folder / f"{shash}.json"
+
+
+def alive(entry: dict) -> bool:
+    """A registered sweep process still runs (processes on other hosts are assumed to)."""
+    if entry["host"] != socket.gethostname():
+        return True
+    import psutil
+    try:
+        return abs(psutil.Process(entry["pid"]).create_time() - entry["created"]) < 1
+    except psutil.Error:
+        return False
+
+
+def register(registry: Path, add: bool) -> list[dict]:
+    """Add or remove this process in the sweep's registry (under its lock); the others still alive."""
+    import psutil
+    entries = json.loads(registry.read_text()) if registry.is_file() else []
+    others = [e for e in entries if e["pid"] != os.getpid() or e["host"] != socket.gethostname()]
+    others = [e for e in others if alive(e)]
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "created": psutil.Process().create_time()}
+    registry.write_text(json.dumps(others + [me] if add else others))
+    return others
+
+
+class State:
+    """What the launching process knows of its sweep (for the end, an interruption and the exit code)."""
+    run_id: str | None = None
+    experiment_id: str | None = None
+    name = "sweep"
+    lock: FileLock | None = None
+    registry: Path | None = None
+    exit_code = 0
+    signal: int | None = None
+
+
+def stop_on_signal() -> None:
+    """In the launching process: SIGTERM / Ctrl-C passes SIGTERM to the workers and waits (a minute at
+    most) while each closes its run KILLED and exits, then interrupts the sweep; `interrupted` closes
+    what is left."""
+    def handler(signum, frame):
+        import psutil
+        State.signal = signum
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not break the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs = workers()
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:  # gone meanwhile
+                pass
+        if procs:
+            log.warning("signal %d: stopping %d workers (each closes its run KILLED)", signum, len(procs))
+        psutil.wait_procs(procs, timeout=WORKER_GRACE)
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def workers() -> list:
+    """The processes running this sweep's jobs (joblib's loky workers; not its resource tracker, which
+    ends by itself with this process)."""
+    import psutil
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def interrupted() -> int:
+    """Clean up after a signal or Ctrl-C in the launching process: stop workers still there, mark this
+    process's running children and (unless another process runs the sweep) the parent KILLED. Returns
+    the exit code, 128 + the signal."""
+    import psutil
+    for p in workers():
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    code = 128 + (State.signal or signal.SIGINT)
+    if not State.run_id:
+        return code
+    client = mlflow.MlflowClient()
+    mine = mlflow.search_runs([State.experiment_id], output_format="list", max_results=10000,
+                              filter_string=f"tags.mlflow.parentRunId = '{State.run_id}' and "
+                                            f"attributes.status = 'RUNNING' and tags.sweep_launcher = '{launcher()}'")
+    for r in mine:
+        client.set_tag(r.info.run_id, "error", "interrupted: the sweep was stopped")
+        client.set_terminated(r.info.run_id, "KILLED")
+    with State.lock:
+        others = register(State.registry, add=False)
+    if not others:
+        client.set_tag(State.run_id, "error", f"interrupted (signal {State.signal or signal.SIGINT})")
+        client.set_terminated(State.run_id, "KILLED")
+    log.error("sweep %r interrupted%s; rerun the same command to resume", State.name,
+              "" if not others else " (its parent run stays open for the other process running it)")
+    return code
+
+
+class MLflowParentRun(Callback):
+    """Opens (or resumes) the MLflow parent run of a multirun and closes it with a summary of its jobs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline import tracking
-        self.experiment_id = tracking.setup(config.tracking)
-        client = mlflow.MlflowClient()
-        name = config.get("sweep_name") or "sweep"
+        from pipeline.errors import UserError
+        try:
+            State.experiment_id = tracking.setup(config.tracking)
+        except UserError as e:  # e.g. tracking=server with no server: before any job starts
+            log.error("%s", e)
+            sys.exit(2)
+        State.name = config.get("sweep_name") or "sweep"
         overrides = list(config.hydra.overrides.task)
         params = config.hydra.sweeper.get("params")  # None for an ad-hoc sweep (`zeta=1,2 -m`, no +sweep=)
         sweep_params = OmegaConf.to_container(params, resolve=False) if params else {}
-        shash = hashlib.sha256(json.dumps([name, sorted(overrides), sweep_params], sort_keys=True, default=str)
-                               .encode()).hexdigest()[:16]
-        previous = mlflow.search_runs([self.experiment_id], filter_string=f"tags.sweep_hash = '{shash}'",
+        shash = hashlib.sha256(json.dumps([State.name, sorted(overrides), sweep_params], sort_keys=True,
+                                          default=str).encode()).hexdigest()[:16]
+        State.lock, State.registry = sweep_lock(config.paths.cache_dir, shash)
+        with State.lock:
+            State.run_id = self.open_parent(config, shash, overrides, sweep_params)
+            others = register(State.registry, add=True)
+        if others:
+            log.info("another process runs this sweep too (pid %s): jobs it has claimed are waited for, not redone",
+                     ", ".join(str(e["pid"]) for e in others))
+        os.environ[PARENT_ENV] = State.run_id
+        os.environ[LAUNCHER_ENV] = launcher()
+        stop_on_signal()
+
+    def open_parent(self, config: DictConfig, shash: str, overrides: list[str], sweep_params: dict) -> str:
+        """The parent run of this sweep: the same sweep again resumes under its parent (finished jobs skipped)."""
+        from pipeline import tracking
+        client = mlflow.MlflowClient()
+        previous = mlflow.search_runs([State.experiment_id], filter_string=f"tags.sweep_hash = '{shash}'",
                                       max_results=1, output_format="list")
-        if previous:  # the same sweep again: resume under the same parent (finished jobs are skipped)
-            self.run_id = previous[0].info.run_id
-            client.update_run(self.run_id, status="RUNNING")
-            log.info("resuming sweep %r under MLflow parent run %s", name, self.run_id)
-            os.environ[PARENT_ENV] = self.run_id
-            return
-        run = client.create_run(self.experiment_id, run_name=f"sweep-{name}",
-                                tags={"sweep": name, "role": "parent", "overrides": " ".join(overrides),
+        if previous:
+            run_id = previous[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            log.info("resuming sweep %r under MLflow parent run %s", State.name, run_id)
+            return run_id
+        run = client.create_run(State.experiment_id, run_name=f"sweep-{State.name}",
+                                tags={"sweep": State.name, "role": "parent", "overrides": " ".join(overrides),
                                       "sweep_hash": shash, "git_commit": tracking.git_commit()})
-        self.run_id = run.info.run_id
         params = {f"sweeper.{k}": str(v) for k, v in sweep_params.items()}
-        params.update({"overrides": " ".join(overrides)[:6000], "sweep_name": name})
+        params.update({"overrides": " ".join(overrides)[:6000], "sweep_name": State.name})
         for k, v in params.items():
-            client.log_param(self.run_id, k, v)
+            client.log_param(run.info.run_id, k, v)
         job_cfg = OmegaConf.to_container(config, resolve=False)
         job_cfg.pop("hydra", None)
-        client.log_dict(self.run_id, job_cfg, "sweep_config.yaml")
-        os.environ[PARENT_ENV] = self.run_id
-        log.info("MLflow parent run %s for sweep %r", self.run_id, name)
+        client.log_dict(run.info.run_id, job_cfg, "sweep_config.yaml")
+        log.info("MLflow parent run %s for sweep %r", run.info.run_id, State.name)
+        return run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.run_id:
+        if not State.run_id:
             return
-        client = mlflow.MlflowClient()
-        rows = summary_rows(self.experiment_id, self.run_id)
         out = Path(config.hydra.sweep.dir)
         out.mkdir(parents=True, exist_ok=True)
-        client.log_artifact(self.run_id, str(write_summary(rows, out / "summary.md")))
+        outcomes = job_outcomes(out)
+        block = failure_block(State.name, outcomes)
+        State.exit_code = 1 if block else 0
+        with State.lock:
+            others = register(State.registry, add=False)
+            if others:
+                log.info("sweep %r: another process (pid %s) still runs it and will close the parent run",
+                         State.name, ", ".join(str(e["pid"]) for e in others))
+            else:
+                self.close_parent(out)
+        os.environ.pop(PARENT_ENV, None)
+        if block:
+            log.error("%s", block)
+
+    def close_parent(self, out: Path) -> None:
+        client = mlflow.MlflowClient()
+        rows = summary_rows(State.experiment_id, State.run_id)
+        client.log_artifact(State.run_id, str(write_summary(rows, out / "summary.md")))
         with open(out / "summary.json", "w") as fh:
             json.dump(rows, fh, indent=1)
-        client.log_artifact(self.run_id, str(out / "summary.json"))
-        failed = sum(r["status"] != "FINISHED" for r in rows)
-        client.set_tag(self.run_id, "children", str(len(rows)))
-        client.set_tag(self.run_id, "children_failed", str(failed))
-        client.set_terminated(self.run_id, "FINISHED")
-        os.environ.pop(PARENT_ENV, None)
-        log.info("sweep done: %d child runs (%d not finished); summary in %s", len(rows), failed, out / "summary.md")
+        client.log_artifact(State.run_id, str(out / "summary.json"))
+        failed = sum(r["status"] not in DONE for r in rows)
+        client.set_tag(State.run_id, "children", str(len(rows)))
+        client.set_tag(State.run_id, "children_failed", str(failed))
+        client.set_terminated(State.run_id, "FAILED" if failed else "FINISHED")
+        log.info("sweep done: %d jobs (%d not finished); summary in %s", len(rows), failed, out / "summary.md")

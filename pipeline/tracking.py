@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import UserError
@@ -48,18 +49,33 @@ def check_reachable(uri: str) -> None:
                         f"Start one with `make server`, or use the default tracking=sqlite") from None
 
 
+def store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A file lock beside a SQLite store: MLflow creates and migrates its tables on first use, and two
+    processes doing so at once corrupt a new store (`table _alembic_tmp_... already exists`). A server
+    serialises this itself."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock")
+
+
 def setup(tracking: DictConfig) -> str:
-    """Point MLflow at the store and return the experiment id (created with our artifact root)."""
+    """Point MLflow at the store and return the experiment id (created with our artifact root).
+
+    The store's first use (creating or migrating its tables) and the experiment's creation happen under
+    `store_lock`, so jobs started at the same moment in a fresh folder neither race nor fail."""
     check_reachable(tracking.uri)
     mlflow.set_tracking_uri(tracking.uri)
-    exp = mlflow.get_experiment_by_name(tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = Path(tracking.artifact_root).resolve().as_uri() if tracking.get("artifact_root") else None
-    try:
-        return mlflow.create_experiment(tracking.experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
-        return mlflow.get_experiment_by_name(tracking.experiment).experiment_id
+    with store_lock(tracking.uri):
+        exp = mlflow.get_experiment_by_name(tracking.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = Path(tracking.artifact_root).resolve().as_uri() if tracking.get("artifact_root") else None
+        try:
+            return mlflow.create_experiment(tracking.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a job on another machine
+            return mlflow.get_experiment_by_name(tracking.experiment).experiment_id
 
 
 def config_params(cfg: DictConfig) -> dict[str, str]:

@@ -25,14 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.attack import UAP, zeta_to_eps
 from pipeline.attack.initializer import check_budget, load_uap_file
 from pipeline.data import CXRDataModule, GrayDataset
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError, instantiate
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +56,26 @@ def input_set(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
 
 def build_attack(cfg: DictConfig, dm: CXRDataModule, net) -> tuple[UAP, GrayDataset]:
     """The configured attack against `net`, with eps set from its input set; and that input set."""
-    a = OmegaConf.to_container(cfg.attack, resolve=True)
-    for k in TASK_KEYS:
-        a.pop(k, None)
     inputs = input_set(cfg, dm)
-    atk: UAP = instantiate_attack(a, classifier=net, image_size=dm.image_size, classes=dm.classes)
+    atk = new_attack(cfg.attack, net, dm.image_size, dm.classes)
     atk.eps = zeta_to_eps(inputs.images.float().div(255), atk.zeta, atk.norm)
     atk.n_inputs = len(inputs)
     return atk, inputs
 
 
-def instantiate_attack(a: dict, **kw) -> UAP:
-    """instantiate() of an attack config; a bad value in it (a ConfigError of a part) surfaces as itself,
-    naming its key, rather than wrapped in Hydra's InstantiationException."""
-    try:
-        return instantiate(a, **kw)
-    except InstantiationException as e:
-        cause = e.__cause__
-        while isinstance(cause, InstantiationException):
-            cause = cause.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise
+def new_attack(attack: DictConfig, classifier, image_size: int, classes, **changes) -> UAP:
+    """The UAP module of an `attack` config (its task keys left out, `changes` applied) against `classifier`."""
+    a = OmegaConf.to_container(attack, resolve=True)
+    for k in TASK_KEYS:
+        a.pop(k, None)
+    a.update(changes)
+    return instantiate(a, classifier=classifier, image_size=image_size, classes=classes)
+
+
+def check_attack(cfg: DictConfig) -> None:
+    """Build the configured attack against a stand-in classifier: every attack key (and each part's) is
+    checked by the class that uses it, before any data or classifier is loaded."""
+    new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
 
 
 def with_attack(cfg: DictConfig, **changes) -> DictConfig:

@@ -1,5 +1,6 @@
 """Reliability: interrupted runs keep what they logged, bad cache files are rebuilt, clear errors early."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,3 +145,53 @@ def test_unknown_names_list_the_valid_options(tmp_path):
                             ("data=mnist", "cxr3")):
         proc = run_cli([override], tmp_path, check=False)
         assert proc.returncode != 0 and valid in proc.stderr, override
+
+
+@pytest.mark.parametrize("override, message", [
+    (["seed=-1"], "seed=-1: expected an integer in [0, 2**32)"),
+    (["data.image_size=100000"], "data.image_size=100000: expected an integer in [32, 1024]"),
+    (["attack.batch_size=0"], "attack.batch_size=0: expected an integer >= 1"),
+    (["attack.stopper.patience=-1"], "attack.stopper.patience=-1"),
+    (["data=cxr3", f"data.root={ROOT / 'README.md'}"], "README.md is not a folder")])
+def test_bad_values_are_caught_before_any_data_or_training(tmp_path, override, message):
+    from pipeline.errors import UserError
+    from pipeline.experiment import run
+    with pytest.raises(UserError, match=re.escape(message)):
+        run(make_cfg(override, tmp_path))
+    assert not (tmp_path / "outputs" / "cache").exists()  # nothing trained, no data set read
+
+
+def test_a_bad_value_is_one_line_and_exit_2_on_the_command_line(tmp_path):
+    proc = run_cli(["attack.batch_size=0"], tmp_path, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "attack.batch_size=0: expected an integer >= 1" in text and "Traceback" not in text
+    assert not (tmp_path / "outputs" / "cache").exists()
+
+
+def test_edited_data_is_a_new_classifier_and_a_new_job(tmp_path):
+    """The classifier cache key and the sweep's job hash follow the data actually read, not its path."""
+    from pipeline import sweep
+    from test_data import good_lines, write_set
+    data = tmp_path / "set"
+    write_set(data, good_lines("tr"), good_lines("te"))
+    cfg = make_cfg(["data=covidx", f"data.root={data}", "data.train_dir=images", "data.test_dir=images",
+                    "data.image_size=32"], tmp_path)
+    assert classifier_key(cfg) != classifier_key(make_cfg(["data=covidx", f"data.root={tmp_path}", "data.image_size=32"]))
+    key, job = classifier_key(cfg), sweep.job_hash(cfg)
+    assert (classifier_key(cfg), sweep.job_hash(cfg)) == (key, job)  # stable while nothing changes
+    train = data / "train.txt"
+    train.write_text(train.read_text().replace(" normal src", " pneumonia src", 1))  # one label edited
+    assert classifier_key(cfg) != key and sweep.job_hash(cfg) != job
+    train.write_text(train.read_text().replace(" pneumonia src", " normal src", 1))
+    assert classifier_key(cfg) == key
+    img = next((data / "images").iterdir())
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))  # an image rewritten
+    assert classifier_key(cfg) != key and sweep.job_hash(cfg) != job
+
+
+def test_make_ui_and_server_bind_localhost_unless_mlflow_host_is_set():
+    env = {**os.environ, "HOST": "my-laptop.example.org"}  # many shells set HOST: it must not expose the UI
+    text = subprocess.run(["make", "-n", "ui", "server"], cwd=ROOT, env=env, capture_output=True, text=True).stdout
+    assert text.count("--host 127.0.0.1") == 2 and "my-laptop" not in text
+    text = subprocess.run(["make", "-n", "ui", "MLFLOW_HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "--host 0.0.0.0" in text
