@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -13,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline")
+CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: the same for every entry module
 
 
 def is_multirun() -> bool:
@@ -80,20 +82,21 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from pipeline.experiment import run  # heavy imports after Hydra has parsed the command line
+    """One Hydra job: the task `cfg.task` (pipeline/tasks.py)."""
+    from pipeline.tasks import run  # heavy imports after Hydra has parsed the command line
 
     interrupt_on_sigterm()
     metrics = guarded(run, cfg)
     return None if metrics is None else metrics.get("test_fr", metrics.get("test_acc"))
 
 
-def cli() -> None:
-    """A sweep exits 1 when a job did not finish (listed at its end), 128 + signal when interrupted."""
+def cli(config_name: str = "config") -> None:
+    """`python -m pipeline` (conf/config.yaml; `python -m pipeline.transfer`: conf/transfer.yaml). A sweep
+    exits 1 when a job did not finish (listed at its end), 128 + signal when interrupted."""
     from pipeline import sweep
     try:
-        main()
+        hydra.main(version_base="1.3", config_path=CONF, config_name=config_name)(main)()
     except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns an interruption into SystemExit(1)
         if isinstance(e, SystemExit) and sweep.State.signal is None:
             raise  # a plain exit (a user error's 2)

@@ -143,8 +143,9 @@ def sync(device):
 
 def fr_of(net, ds, v, clean, target, device) -> float:
     from pipeline.evaluate import predict
+    from pipeline.metrics import attack_rate
     p = predict(net, ds, {"v": v}, device=device)["v"]
-    return (p == target).float().mean().item() if target is not None else (p != clean).float().mean().item()
+    return attack_rate(clean, p, target)
 
 
 def run_art(net, x, eps, args, target, n_classes, device) -> tuple[Row, torch.Tensor]:
@@ -199,7 +200,7 @@ def attack_config(args, overrides: list[str]):
 
 def run_ours(name, overrides, net, x, y, eps, args, target, classes, device) -> tuple[Row, torch.Tensor]:
     """One row: the attack composed from conf/attack (+ overrides), made on x with the bench's eps and seed."""
-    from pipeline.uaps import new_attack
+    from pipeline.attack import new_attack
     atk = new_attack(attack_config(args, overrides), net, x.shape[-1], classes, eps=eps, record_fr=True,
                      target=None if target is None else classes[target])
     atk.record_every = args.record_every
@@ -318,7 +319,7 @@ def study(args) -> tuple[str, list[dict]]:
     rows = [done[name] for name, _ in STUDY if name in done]
     head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
             f"{'TSR' if args.targeted else 'FR'} test", "returned"]
-    from pipeline.report import md_table
+    from pipeline.tables import md_table
     table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", str(r["passes"]), f"{r['fr_input']:.3f}",
                              f"{r['fr_test']:.3f}", r["from"]] for r in rows])
     return table, rows

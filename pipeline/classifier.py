@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data import data_fingerprint
 from pipeline.errors import ConfigError, UserError
-from pipeline.metrics import accuracy, class_metrics, confusion
+from pipeline.metrics import accuracy, class_metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +72,12 @@ class Classifier(pl.LightningModule):
         self.min_image_size = int(min_image_size)
         self.net = build_net(arch, len(self.classes), pretrained, pretrained_path, extra)
         self._outputs: dict[str, list] = {"val": [], "test": []}
-        # adversarial fine-tuning (defense): this UAP is added to a fraction of every training batch
-        self.train_uap: torch.Tensor | None = None
-        self.train_uap_fraction, self.train_uap_clip = 0.5, False
-        self.freeze_bn = False  # fine-tuning: keep BatchNorm statistics as trained
-        self.confusion: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and self.freeze_bn:  # whatever Lightning toggles, BatchNorm keeps its statistics
-            for m in self.net.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
     def training_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
-        if self.train_uap is not None:  # batches are shuffled: the first k images are a random subset
-            k = int(round(len(x) * self.train_uap_fraction))
-            xk = x[:k] + self.train_uap.to(x.device)
-            x = torch.cat([xk.clamp(0, 1) if self.train_uap_clip else xk, x[k:]])
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
@@ -119,7 +102,6 @@ class Classifier(pl.LightningModule):
         loss = torch.stack([o[0] for o in outs]).sum()
         preds, labels = torch.cat([o[1] for o in outs]).cpu(), torch.cat([o[2] for o in outs]).cpu()
         self._outputs[split] = []
-        self.confusion[split] = confusion(labels, preds, len(self.classes))
         metrics = {f"{split}_loss": loss.item() / len(labels), f"{split}_acc": accuracy(labels, preds)}
         metrics.update(class_metrics(split, labels, preds, self.classes))
         acc = metrics.pop(f"{split}_acc")

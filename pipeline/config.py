@@ -5,18 +5,15 @@ import hashlib
 import json
 from typing import Any, Collection
 
+import torch
 from omegaconf import DictConfig
 
-from pipeline.attack import NORMS
+from pipeline.attack import NORMS, new_attack
 from pipeline.data import MAX_IMAGE_SIZE
 from pipeline.errors import ConfigError
 
-TASKS = ("train", "attack", "min_zeta")
-
-
 def validate(cfg: DictConfig) -> None:
-    if cfg.get("task") not in TASKS:
-        raise ConfigError(f"task={cfg.get('task')!r}: expected one of {list(TASKS)}")
+    """Every group of a composed config (the task itself is checked by pipeline.tasks.run)."""
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed!r}: expected an integer in [0, 2**32)")
     classes = list(cfg.data.classes)
@@ -53,9 +50,30 @@ def validate(cfg: DictConfig) -> None:
                           f" (train+val)")
     if a.input_limit is not None and (not isinstance(a.input_limit, int) or a.input_limit < 1):
         raise ConfigError(f"attack.input_limit={a.input_limit}: expected null or an integer >= 1")
-    if cfg.task != "train":
-        from pipeline.uaps import check_attack
-        check_attack(cfg)
+    if cfg.task != "train":  # every attack key, the parts' too, checked by the classes that use them
+        new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
+    if cfg.get("defense"):
+        check_defense(cfg.defense)
+    if cfg.task == "min_zeta":
+        check_min_zeta(cfg.min_zeta)
+
+
+def check_defense(d: DictConfig) -> None:
+    if not isinstance(d.rounds, int) or d.rounds < 1:
+        raise ConfigError(f"defense.rounds={d.rounds}: expected an integer >= 1")
+    if not isinstance(d.epochs, int) or d.epochs < 1:
+        raise ConfigError(f"defense.epochs={d.epochs}: expected an integer >= 1")
+    if not 0 < float(d.fraction) <= 1:
+        raise ConfigError(f"defense.fraction={d.fraction}: expected a number in (0, 1]")
+
+
+def check_min_zeta(m: DictConfig) -> None:
+    if not 0 < float(m.target_fr) <= 1:
+        raise ConfigError(f"min_zeta.target_fr={m.target_fr}: expected a rate in (0, 1]")
+    if not 0 < float(m.low) < float(m.high) <= 100:
+        raise ConfigError(f"min_zeta.low={m.low}, min_zeta.high={m.high}: expected 0 < low < high <= 100")
+    if float(m.tol) <= 0 or int(m.max_probes) < 2:
+        raise ConfigError(f"min_zeta.tol={m.tol}, min_zeta.max_probes={m.max_probes}: expected tol > 0, max_probes >= 2")
 
 
 def stable_hash(obj: Any, drop: Collection[str] = ()) -> str:

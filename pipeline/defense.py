@@ -10,38 +10,41 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import plots, tracking
 from pipeline.classifier import Classifier, make_trainer, save_checkpoint
 from pipeline.data import CXRDataModule
-from pipeline.errors import ConfigError
 from pipeline.evaluate import predict
-from pipeline.metrics import accuracy, fooling_rate, success_rate
+from pipeline.metrics import accuracy, attack_rate
 
 log = logging.getLogger(__name__)
 
 
-def check(d: DictConfig) -> None:
-    if not isinstance(d.rounds, int) or d.rounds < 1:
-        raise ConfigError(f"defense.rounds={d.rounds}: expected an integer >= 1")
-    if not isinstance(d.epochs, int) or d.epochs < 1:
-        raise ConfigError(f"defense.epochs={d.epochs}: expected an integer >= 1")
-    if not 0 < float(d.fraction) <= 1:
-        raise ConfigError(f"defense.fraction={d.fraction}: expected a number in (0, 1]")
+class UAPTraining(pl.Callback):
+    """Adversarial fine-tuning: the UAP is added to the first `fraction` of every (shuffled, so random)
+    training batch, true labels kept, clipped to [0, 1] with `clip`; with `freeze_bn` BatchNorm keeps the
+    statistics of the trained model (the UAP would shift them)."""
 
+    def __init__(self, uap: torch.Tensor, fraction: float, clip: bool, freeze_bn: bool):
+        self.uap, self.fraction, self.clip, self.freeze_bn = uap, fraction, clip, freeze_bn
 
-def strength(clean: torch.Tensor, adv: torch.Tensor, target: int | None) -> float:
-    """FR (non-targeted) or TSR (targeted) of perturbed predictions."""
-    return success_rate(adv, target) if target is not None else fooling_rate(clean, adv)
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.freeze_bn:  # every batch: whatever Lightning toggled with .train()
+            for m in module.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        x = batch[0]
+        k = int(round(len(x) * self.fraction))
+        xk = x[:k] + self.uap.to(x.device)
+        x[:k] = xk.clamp(0, 1) if self.clip else xk  # in place: the batch is this step's own tensor
 
 
 def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path, device) -> dict[str, float]:
     from pipeline.uaps import make_uap
     d = cfg.defense
-    check(d)
     test = dm.dataset("test")
     key = "tsr" if cfg.attack.target is not None else "fr"
     history = []
@@ -51,8 +54,8 @@ def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path
         perts = {"clean": None, "fresh": fresh, **({"prev": prev} if prev is not None else {})}
         p = predict(model.net, test, perts, clip=atk.clip, device=device)
         m = {"defense_acc_clean": accuracy(test.labels, p["clean"]),
-             f"defense_{key}_fresh": strength(p["clean"], p["fresh"], atk.target),
-             f"defense_{key}_prev": strength(p["clean"], p["prev" if prev is not None else "fresh"], atk.target),
+             f"defense_{key}_fresh": attack_rate(p["clean"], p["fresh"], atk.target),
+             f"defense_{key}_prev": attack_rate(p["clean"], p["prev" if prev is not None else "fresh"], atk.target),
              "defense_uap_seconds": seconds}
         tracking.log_metrics(m, step=r)
         history.append({"round": r, **m})
@@ -62,15 +65,12 @@ def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path
 
     uap, before = measure(0, None)
     model.optim = OmegaConf.create({"optimizer": OmegaConf.to_container(d.optimizer), "scheduler": None})
-    model.train_uap_fraction, model.train_uap_clip = float(d.fraction), bool(cfg.attack.clip)
-    model.freeze_bn = bool(d.get("freeze_bn", True))
     for r in range(1, d.rounds + 1):
-        model.train_uap = uap
         model.net.requires_grad_(True)  # the attacks froze it
+        with_uap = UAPTraining(uap, float(d.fraction), bool(cfg.attack.clip), bool(d.get("freeze_bn", True)))
         trainer = make_trainer(cfg, max_epochs=int(d.epochs), logger=False, enable_checkpointing=False,
-                               limit_val_batches=0, default_root_dir=str(out))
+                               limit_val_batches=0, default_root_dir=str(out), callbacks=[with_uap])
         trainer.fit(model, train_dataloaders=dm.train_dataloader())
-        model.train_uap = None
         model.net.to(device)
         uap, after = measure(r, uap)
     path = out / "defense_classifier.pt"

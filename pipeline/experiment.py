@@ -1,11 +1,16 @@
-"""One experiment: data -> classifier (trained or cached) -> UAP -> evaluation -> MLflow."""
+"""The frame of every task (`open_job`: data -> classifier, trained or cached -> MLflow run) and the
+measurements tasks share: the classifier's, and a UAP's against its random control. A library: it
+imports no task (pipeline/tasks.py)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -13,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import plots, sweep, tracking
-from pipeline.attack import lp_norms, random_uap
-from pipeline.classifier import classifier_key, train_or_load
+from pipeline.attack import lp_norms, random_control
+from pipeline.classifier import Classifier, classifier_key, train_or_load
 from pipeline.config import validate
 from pipeline.data import CXRDataModule
 from pipeline.errors import ConfigError, instantiate
@@ -64,29 +69,25 @@ def mlflow_logger(run_id: str, cfg: DictConfig):
     return MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=run_id)
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run one experiment and return its metrics (also logged to MLflow and written to metrics.json).
-
-    Inside a sweep (a parent run is open), a job whose identical config already has a FINISHED run in
-    the store is skipped (`resume: true`), so re-running a sweep only runs what is missing or failed; a
-    job another process is running is waited for (`sweep.claim`), not done twice.
-    """
-    parent_run_id = sweep.parent_run_id()
-    if not parent_run_id:
-        return run_job(cfg, None)
-    with sweep.claim(cfg, tracking.setup(cfg.tracking)) as done:
-        if done:
-            log.info("skipped: this job's config already has a FINISHED run (%s)", done)
-            return dict(tracking.mlflow.get_run(done).data.metrics)
-        return run_job(cfg, parent_run_id)
+@dataclass
+class Job:
+    """What every task gets: its config, the data, the classifier, its output folder, device, MLflow run and
+    the metrics so far (clean accuracy); a task adds its own metrics to `metrics`."""
+    cfg: DictConfig
+    dm: CXRDataModule
+    model: Classifier
+    out: Path
+    device: torch.device
+    run_id: str
+    metrics: dict = field(default_factory=dict)
 
 
-def run_job(cfg: DictConfig, parent_run_id: str | None) -> dict:
+@contextmanager
+def open_job(cfg: DictConfig, name: str, parent_run_id: str | None = None) -> Iterator[Job]:
+    """One MLflow run around a task: the config checked, data loaded, the classifier trained or loaded from
+    the cache and measured; at the end the metrics logged, written to metrics.json and summarised.
+    A failure marks the run FAILED (KILLED when interrupted) and keeps what was logged."""
     out = output_dir(cfg)
-    name = f"{cfg.model.arch}-{cfg.task}" + (f"-{cfg.attack.name}-{cfg.attack.norm}-z{cfg.attack.zeta}"
-                                             f"-{cfg.attack.target or 'nontargeted'}" if cfg.task == "attack" else "")
-    if cfg.get("defense"):
-        name += "-defense"
     with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg), parent_run_id=parent_run_id) as mlrun:
         validate(cfg)  # a bad value fails here, before any work, and the run is marked FAILED with it
         device = device_for(cfg)
@@ -96,27 +97,26 @@ def run_job(cfg: DictConfig, parent_run_id: str | None) -> dict:
         pl.seed_everything(cfg.seed, workers=True)
         dm: CXRDataModule = instantiate(cfg.data)
         dm.setup()
-        if cfg.task == "attack" and cfg.attack.get("uap_file"):
+        if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
         model, meta = train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id, cfg))
         tracking.mlflow.set_tag("classifier_cache", "hit" if meta["cache_hit"] else "trained")
         tracking.mlflow.set_tag("classifier_path", meta["path"])
-        metrics = classifier_metrics(model, dm, out, device)
-        tracking.log_metrics(metrics)  # logged now: an interrupted attack keeps them
-        if cfg.task == "attack":
-            metrics.update(attack(cfg, dm, model.net, out, device))
-            if cfg.get("defense"):
-                from pipeline.defense import run_defense
-                metrics.update(run_defense(cfg, dm, model, out, device))
-        elif cfg.task == "min_zeta":
-            from pipeline.minzeta import search
-            metrics.update(search(cfg, dm, model.net, out, device, mlrun.info.run_id))
-        tracking.log_metrics(metrics)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        job = Job(cfg, dm, model, out, device, mlrun.info.run_id, classifier_metrics(model, dm, out, device))
+        tracking.log_metrics(job.metrics)  # logged now: an interrupted attack keeps them
+        yield job
+        tracking.log_metrics(job.metrics)
+        (out / "metrics.json").write_text(json.dumps(job.metrics, indent=2, sort_keys=True))
         tracking.log_artifact(out / "metrics.json")
-        log.info("%s", summary(cfg, metrics, dm.classes))
+        log.info("%s", summary(cfg, job.metrics, dm.classes))
         log.info("MLflow run %s in %s (open with `make ui`); files in %s", mlrun.info.run_id, cfg.tracking.uri, out)
-    return metrics
+
+
+def run_name(cfg: DictConfig, task: str) -> str:
+    """A run's name: model, task and, for the tasks that make a UAP, the attack's display name, norm, zeta, target."""
+    a = cfg.attack
+    uap = f"-{a.name}-{a.norm}-z{a.zeta}-{a.target or 'nontargeted'}" if task in ("attack", "evaluate", "defense") else ""
+    return f"{cfg.model.arch}-{task}{uap}"
 
 
 def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str, float]:
@@ -136,7 +136,7 @@ def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str,
     return metrics
 
 
-def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[str, float]:
+def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[str, float]:
     """Make (or load) the UAP on the input set, evaluate it and its random control on train and test."""
     if cfg.attack.get("uap_file"):
         atk, _ = build_attack(cfg, dm, net)
@@ -147,7 +147,7 @@ def attack(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[s
     tracking.mlflow.log_params({"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": atk.n_inputs})
     if atk.best is not None:  # keep: best / candidates: where the returned UAP came from
         tracking.mlflow.set_tag("uap_best_from", atk.best["from"])
-    rnd = random_uap(uap.shape, atk.eps, atk.norm, torch.Generator().manual_seed(cfg.seed + 1))
+    rnd = random_control(uap, atk.eps, atk.norm, cfg.seed)
     metrics = {"eps": atk.eps, "zeta": atk.zeta, "uap_norm": lp_norms(uap[None], atk.norm).item(),
                "random_norm": lp_norms(rnd[None], atk.norm).item(), "uap_seconds": seconds, "uap_passes": passes}
     for h in atk.history:
@@ -192,10 +192,10 @@ def input_metrics(cfg: DictConfig, dm: CXRDataModule, net, uap, atk, train_preds
 def summary(cfg: DictConfig, m: dict, classes) -> str:
     lines = [f"result: {cfg.model.arch} on {cfg.data._target_.rsplit('.', 1)[-1]} "
              f"({cfg.data.image_size} px), clean test accuracy {m['test_acc']:.3f}"]
-    if cfg.task == "min_zeta":
+    if "min_zeta" in m:
         lines.append(f"min_zeta: smallest zeta reaching test FR {m['min_zeta_target_fr']:.2f}: {m['min_zeta']:g}% "
                      f"(largest probed zeta below it: {m['min_zeta_below']:g}%, {m['min_zeta_probes']} probes)")
-    if cfg.task == "attack":
+    if "eps" in m:  # a UAP was evaluated
         a = cfg.attack
         targeted = a.target is not None
         kind = f"targeted -> {a.target}" if targeted else "non-targeted"

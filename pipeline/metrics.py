@@ -43,6 +43,11 @@ def success_rate(adv_preds: torch.Tensor, target: int) -> float:
     return (adv_preds == target).float().mean().item()
 
 
+def attack_rate(clean_preds: torch.Tensor, adv_preds: torch.Tensor, target: int | None) -> float:
+    """What a UAP is judged by: its targeted success rate when it has a target, else its fooling rate."""
+    return success_rate(adv_preds, target) if target is not None else fooling_rate(clean_preds, adv_preds)
+
+
 def class_metrics(prefix: str, labels: torch.Tensor, preds: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
     """`{prefix}_sens_{class}` and `{prefix}_ppv_{class}` for each class."""
     sens, ppv = sensitivity_ppv(confusion(labels, preds, len(classes)))

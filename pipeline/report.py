@@ -28,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.tables import md_table
+
 log = logging.getLogger("pipeline.report")
 
 COLUMNS = ["data", "model", "attack", "target", "norm", "zeta", "eps", "metric", "train", "train_random",
@@ -105,11 +107,6 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
     text = "\n".join(f"### {title}\n\n{body}" for title, body in sections if body)
     (out / "results.md").write_text(text)
     return out / "results.csv", out / "results.md"
-
-
-def md_table(head: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
 
 
 def targets(rows: list[dict]) -> list[str]:

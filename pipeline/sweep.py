@@ -96,7 +96,7 @@ def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
 
 def write_summary(rows: list[dict], path: Path) -> Path:
     cols = ["overrides", "status", *[m for m in SUMMARY_METRICS if any(m in r for r in rows)], "run_id"]
-    from pipeline.report import md_table
+    from pipeline.tables import md_table
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     path.write_text(md_table(cols, [[fmt(r.get(c)) for c in cols] for r in rows]))
     return path

@@ -27,17 +27,15 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.attack import UAP, zeta_to_eps
+from pipeline.attack import UAP, new_attack, zeta_to_eps
 from pipeline.attack.initializer import check_budget, load_uap_file
 from pipeline.data import CXRDataModule, GrayDataset
-from pipeline.errors import ConfigError, instantiate
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # bumped when a code change alters what a search produces, so that older cached UAPs are not reused
 UAP_CACHE_VERSION = 1
-# attack keys that shape the job around the search (or feed the parts by interpolation), not the module
-TASK_KEYS = ("uap_file", "project_uap_file", "warm_start", "input_split", "input_limit", "max_iter", "delta", "step")
 
 
 def input_set(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
@@ -61,21 +59,6 @@ def build_attack(cfg: DictConfig, dm: CXRDataModule, net) -> tuple[UAP, GrayData
     atk.eps = zeta_to_eps(inputs.images.float().div(255), atk.zeta, atk.norm)
     atk.n_inputs = len(inputs)
     return atk, inputs
-
-
-def new_attack(attack: DictConfig, classifier, image_size: int, classes, **changes) -> UAP:
-    """The UAP module of an `attack` config (its task keys left out, `changes` applied) against `classifier`."""
-    a = OmegaConf.to_container(attack, resolve=True)
-    for k in TASK_KEYS:
-        a.pop(k, None)
-    a.update(changes)
-    return instantiate(a, classifier=classifier, image_size=image_size, classes=classes)
-
-
-def check_attack(cfg: DictConfig) -> None:
-    """Build the configured attack against a stand-in classifier: every attack key (and each part's) is
-    checked by the class that uses it, before any data or classifier is loaded."""
-    new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
 
 
 def with_attack(cfg: DictConfig, **changes) -> DictConfig:

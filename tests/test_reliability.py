@@ -155,7 +155,7 @@ def test_unknown_names_list_the_valid_options(tmp_path):
     (["data=cxr3", f"data.root={ROOT / 'README.md'}"], "README.md is not a folder")])
 def test_bad_values_are_caught_before_any_data_or_training(tmp_path, override, message):
     from pipeline.errors import UserError
-    from pipeline.experiment import run
+    from pipeline.tasks import run
     with pytest.raises(UserError, match=re.escape(message)):
         run(make_cfg(override, tmp_path))
     assert not (tmp_path / "outputs" / "cache").exists()  # nothing trained, no data set read
@@ -195,3 +195,22 @@ def test_make_ui_and_server_bind_localhost_unless_mlflow_host_is_set():
     assert text.count("--host 127.0.0.1") == 2 and "my-laptop" not in text
     text = subprocess.run(["make", "-n", "ui", "MLFLOW_HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "--host 0.0.0.0" in text
+
+
+def test_tasks_are_a_registry_and_evaluate_applies_a_saved_uap(phantom_model):
+    """task=evaluate: a saved UAP on this data and classifier (loaded from the cache), logged like any run."""
+    from pathlib import Path
+
+    from pipeline import tasks
+    cfg, _, _ = phantom_model
+    root = Path(cfg.paths.root_dir)
+    assert {"train", "attack", "evaluate", "defense", "min_zeta", "transfer"} <= set(tasks.TASKS)
+    with pytest.raises(ConfigError, match="task='nope': expected one of"):
+        tasks.run(make_cfg([*FAST, "task=nope"], root))
+    with pytest.raises(ConfigError, match="attack.uap_file is not set"):
+        tasks.run(make_cfg([*FAST, "task=evaluate"], root))
+    np.save(root / "zero.npy", np.zeros((64, 64), np.float32))
+    m = tasks.run(make_cfg([*FAST, "task=evaluate", f"attack.uap_file={root / 'zero.npy'}"], root))
+    assert m["test_fr"] == 0.0 and m["uap_norm"] == 0.0 and 0 <= m["test_fr_random"] <= 1
+    run = mlflow_runs(root).iloc[0]
+    assert run["tags.task"] == "evaluate" and run["tags.classifier_cache"] == "hit" and run["status"] == "FINISHED"

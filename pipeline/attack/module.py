@@ -31,12 +31,25 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.attack.initializer import Zeros
 from pipeline.attack.norms import check_norm, lp_norms, project, random_uap, zeta_to_eps
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, instantiate
 from pipeline.evaluate import eval_batch
 
 log = logging.getLogger(__name__)
 
 KEEP = ("last", "best")
+# attack keys that shape the job around the search (or feed the parts by interpolation), not the module
+TASK_KEYS = ("uap_file", "project_uap_file", "warm_start", "input_split", "input_limit", "max_iter", "delta", "step")
+
+
+def new_attack(attack, classifier: nn.Module, image_size: int, classes: Sequence[str], **changes) -> "UAP":
+    """The UAP module of an `attack` config (its task keys left out, `changes` applied) against `classifier`.
+    With a stand-in classifier (nn.Identity) this checks every attack key, the parts' too, before any work."""
+    from omegaconf import OmegaConf
+    a = OmegaConf.to_container(attack, resolve=True)
+    for k in TASK_KEYS:
+        a.pop(k, None)
+    a.update(changes)
+    return instantiate(a, classifier=classifier, image_size=image_size, classes=classes)
 
 
 def indexed(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:

@@ -40,6 +40,12 @@ def zeta_to_eps(images: torch.Tensor, zeta: float, norm: str) -> float:
     return float(zeta) / 100.0 * lp_norms(images.double(), norm).mean().item()
 
 
+def random_control(uap: torch.Tensor, eps: float, norm: str, seed: int) -> torch.Tensor:
+    """The random control of a UAP: a point uniform on the same Lp sphere (same shape, norm eps), drawn
+    from `seed + 1` so that it differs from anything the search itself drew from `seed`."""
+    return random_uap(uap.shape, eps, norm, torch.Generator().manual_seed(seed + 1))
+
+
 def random_uap(shape: Sequence[int], eps: float, norm: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """A perturbation uniform on the Lp sphere of radius eps (its norm is exactly eps).
 

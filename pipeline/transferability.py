@@ -1,0 +1,94 @@
+"""Transferability (`python -m pipeline task=transfer`, `python -m pipeline.transfer`): does a UAP made on
+one model fool another?
+
+    python -m pipeline.transfer transfer.models=[tiny,resnet18] data=cxr3 data.root=../shared/data/cxr3
+
+For each model of `transfer.models` (config names under conf/model; trained once and cached like any
+run) the configured UAP is made on it, then evaluated on every model: a matrix of test FR (TSR when
+targeted), rows = source model, columns = evaluated model, the diagonal being white-box; plus the
+random control on each model. One MLflow run with the matrix as CSV and heatmap PNG.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("pipeline.transfer")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def model_config(name: str) -> DictConfig:
+    path = CONF / "model" / f"{name}.yaml"
+    if not path.is_file():
+        from pipeline.errors import ConfigError
+        valid = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+        raise ConfigError(f"transfer.models: unknown model {name!r}; expected names from {valid}")
+    return OmegaConf.load(path)
+
+
+def run_transfer(cfg: DictConfig) -> dict:
+    from pipeline import plots, tracking
+    from pipeline.attack import random_control
+    from pipeline.classifier import train_or_load
+    from pipeline.config import validate
+    from pipeline.errors import instantiate
+    from pipeline.evaluate import predict
+    from pipeline.experiment import device_for, output_dir
+    from pipeline.uaps import make_uap
+    from pipeline.metrics import attack_rate
+
+    names = list(cfg.transfer.models)
+    out = output_dir(cfg)
+    with tracking.start_run(cfg, run_name=f"transfer-{'-'.join(names)}", tags={"task": "transfer"}):
+        device = device_for(cfg)
+        pl.seed_everything(cfg.seed, workers=True)
+        dm = instantiate(cfg.data)
+        dm.setup()
+        nets, cfgs = {}, {}
+        for name in names:  # every model trained (or loaded from the cache) as a single run would
+            c = cfg.copy()
+            with open_dict(c):
+                c.model = model_config(name)
+            validate(c)
+            model, _ = train_or_load(c, dm)
+            nets[name], cfgs[name] = model.net.eval(), c
+        test = dm.dataset("test")
+        matrix = np.zeros((len(names), len(names)))
+        random_row = [0.0] * len(names)
+        for i, src in enumerate(names):
+            atk, uap, _ = make_uap(cfgs[src], dm, nets[src], device)
+            target = atk.target
+            rnd = random_control(uap, atk.eps, atk.norm, cfg.seed)
+            for j, dst in enumerate(names):
+                # the same stacked evaluation as a single run, so the diagonal equals its white-box FR
+                p = predict(nets[dst], test, {"clean": None, "uap": uap, "random": rnd}, clip=atk.clip, device=device)
+                matrix[i, j] = attack_rate(p["clean"], p["uap"], target)
+                random_row[j] = attack_rate(p["clean"], p["random"], target)
+        key = "TSR" if target is not None else "FR"
+        with open(out / "transfer.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([f"source \\ evaluated ({key}, test)", *names])
+            for name, row in zip(names, matrix):
+                w.writerow([name, *[f"{v:.4f}" for v in row]])
+            w.writerow(["random control", *[f"{v:.4f}" for v in random_row]])
+        labels = [*names, "random"]
+        full = np.vstack([matrix, np.array(random_row)[None]])
+        png = plots.plot_matrix(full, labels, names, out / "transfer.png",
+                                f"UAP transferability: test {key} ({cfg.attack.norm}, zeta={cfg.attack.zeta}%)",
+                                "evaluated on", "UAP made on")
+        result = {"models": names, "metric": key, "matrix": matrix.tolist(), "random": random_row}
+        (out / "transfer.json").write_text(json.dumps(result, indent=1))
+        for f in (out / "transfer.csv", png, out / "transfer.json"):
+            tracking.log_artifact(f)
+        tracking.log_metrics({f"transfer_{key.lower()}_{s}_to_{d}": matrix[i, j]
+                              for i, s in enumerate(names) for j, d in enumerate(names)})
+        log.info("transfer matrix (%s, rows = UAP made on, columns = evaluated on):\n%s\nrandom: %s", key,
+                 "\n".join(f"{n:>14} " + " ".join(f"{v:.3f}" for v in row) for n, row in zip(names, matrix)),
+                 " ".join(f"{v:.3f}" for v in random_row))
+    return result
