@@ -131,7 +131,11 @@ class Classifier(pl.LightningModule):
 
 
 class BestWeights(pl.Callback):
-    """Keeps the weights of the best validation epoch (highest val_acc, then lowest val_loss) in memory."""
+    """Keeps the weights of the best validation epoch (highest val_acc, then lowest val_loss) in memory.
+
+    Not Lightning's ModelCheckpoint: it monitors one metric (no tie-break on val_loss, and val_acc on ~100
+    validation images ties often) and writes a checkpoint file per improvement, which the classifier cache
+    would then have to read back and clean up; this keeps one state dict in memory."""
 
     def __init__(self):
         self.best: tuple[float, float] | None = None

@@ -86,11 +86,12 @@ class Job:
 def open_job(cfg: DictConfig, name: str, parent_run_id: str | None = None) -> Iterator[Job]:
     """One MLflow run around a task: the config checked, data loaded, the classifier trained or loaded from
     the cache and measured; at the end the metrics logged, written to metrics.json and summarised.
-    A failure marks the run FAILED (KILLED when interrupted) and keeps what was logged."""
+    A bad config value fails before the run opens (one line, no run); a later failure marks the run FAILED
+    (KILLED when interrupted) and keeps what was logged."""
+    validate(cfg)
+    device = device_for(cfg)
     out = output_dir(cfg)
     with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg), parent_run_id=parent_run_id) as mlrun:
-        validate(cfg)  # a bad value fails here, before any work, and the run is marked FAILED with it
-        device = device_for(cfg)
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir():
             tracking.mlflow.log_artifacts(str(hydra_dir), "hydra")

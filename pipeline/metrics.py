@@ -1,4 +1,6 @@
-"""Metrics on predicted class indices: accuracy, confusion, sensitivity / PPV, fooling and success rates.
+"""Metrics on predicted class indices: accuracy, confusion, sensitivity / PPV (torchmetrics' functional
+forms), and the attack's own: fooling rate, targeted success rate, `attack_rate` (the one a UAP is
+judged by).
 
 All functions take 1-D integer tensors of the same length (true labels or predictions).
 """
@@ -7,25 +9,26 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_confusion_matrix,
+                                                    multiclass_precision, multiclass_recall)
 
 
 def confusion(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(num_classes, num_classes) counts: rows = true class, columns = predicted class."""
-    idx = labels.long() * num_classes + preds.long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    return multiclass_confusion_matrix(preds.long(), labels.long(), num_classes)
 
 
 def accuracy(labels: torch.Tensor, preds: torch.Tensor) -> float:
-    return (labels == preds).float().mean().item()
+    """The share of correct predictions (micro accuracy)."""
+    n = int(max(labels.max(), preds.max())) + 1 if len(labels) else 1
+    return multiclass_accuracy(preds.long(), labels.long(), max(n, 2), average="micro").item()
 
 
-def sensitivity_ppv(conf: torch.Tensor) -> tuple[list[float], list[float]]:
+def sensitivity_ppv(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> tuple[list[float], list[float]]:
     """Per-class sensitivity (recall, TP / true count) and PPV (precision, TP / predicted count); 0 where undefined."""
-    tp = conf.diag().double()
-    true, pred = conf.sum(1).double(), conf.sum(0).double()
-    sens = torch.where(true > 0, tp / true.clamp(min=1), torch.zeros_like(tp))
-    ppv = torch.where(pred > 0, tp / pred.clamp(min=1), torch.zeros_like(tp))
-    return sens.tolist(), ppv.tolist()
+    args = (preds.long(), labels.long(), num_classes)
+    return (multiclass_recall(*args, average=None, zero_division=0).tolist(),
+            multiclass_precision(*args, average=None, zero_division=0).tolist())
 
 
 def fooling_rate(clean_preds: torch.Tensor, adv_preds: torch.Tensor) -> float:
@@ -50,7 +53,7 @@ def attack_rate(clean_preds: torch.Tensor, adv_preds: torch.Tensor, target: int 
 
 def class_metrics(prefix: str, labels: torch.Tensor, preds: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
     """`{prefix}_sens_{class}` and `{prefix}_ppv_{class}` for each class."""
-    sens, ppv = sensitivity_ppv(confusion(labels, preds, len(classes)))
+    sens, ppv = sensitivity_ppv(labels, preds, len(classes))
     out = {}
     for c, s, p in zip(classes, sens, ppv):
         out[f"{prefix}_sens_{c}"] = s

@@ -49,7 +49,10 @@ def plot_confusion(conf: torch.Tensor | np.ndarray, classes: Sequence[str], path
 
 def plot_examples(images: torch.Tensor, uap: torch.Tensor, labels, clean_pred, adv_pred, classes: Sequence[str],
                   path: Path, clip: bool = False, n: int = 6) -> Path:
-    """Clean (top row) vs perturbed (bottom row) images with true / clean / perturbed predictions."""
+    """Clean (top row) vs perturbed (bottom row) images with true / clean / perturbed predictions.
+
+    Not torchvision's make_grid: each tile needs its own title (the predictions, red where fooled), which
+    a single grid image cannot carry."""
     n = min(n, len(images))
     fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
     for k in range(n):

@@ -50,6 +50,8 @@ def select_runs(experiment: str, sweep: str | None) -> list:
             filt += f" and tags.mlflow.parentRunId = '{parent.info.run_id}'"
         except Exception:  # noqa: BLE001 - not a run id: a sweep name
             filt += f" and tags.sweep = '{sweep}'"
+    # Run objects rather than search_runs' DataFrame: the figures read each run's artifacts by run id, and the
+    # metric names that hold a slash or a class name stay dict keys instead of mangled column names
     runs = mlflow.search_runs([exp.experiment_id], filter_string=filt, output_format="list", max_results=50000,
                               order_by=["attributes.start_time DESC"])
     newest = {}

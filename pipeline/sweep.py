@@ -339,12 +339,14 @@ class MLflowParentRun(Callback):
                 log.info("sweep %r: another process (pid %s) still runs it and will close the parent run",
                          State.name, ", ".join(str(e["pid"]) for e in others))
             else:
-                self.close_parent(out)
+                self.close_parent(out, jobs_failed=sum(o["status"] not in DONE for o in outcomes))
         os.environ.pop(PARENT_ENV, None)
         if block:
             log.error("%s", block)
 
-    def close_parent(self, out: Path) -> None:
+    def close_parent(self, out: Path, jobs_failed: int) -> None:
+        """The summary of the parent's children, and its end: FAILED when a child did not finish or a job of
+        this process failed before it could open a run (a bad config value)."""
         client = mlflow.MlflowClient()
         rows = summary_rows(State.experiment_id, State.run_id)
         client.log_artifact(State.run_id, str(write_summary(rows, out / "summary.md")))
@@ -354,5 +356,6 @@ class MLflowParentRun(Callback):
         failed = sum(r["status"] not in DONE for r in rows)
         client.set_tag(State.run_id, "children", str(len(rows)))
         client.set_tag(State.run_id, "children_failed", str(failed))
-        client.set_terminated(State.run_id, "FAILED" if failed else "FINISHED")
+        client.set_tag(State.run_id, "jobs_failed", str(jobs_failed))
+        client.set_terminated(State.run_id, "FAILED" if failed or jobs_failed else "FINISHED")
         log.info("sweep done: %d jobs (%d not finished); summary in %s", len(rows), failed, out / "summary.md")

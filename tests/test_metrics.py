@@ -13,14 +13,13 @@ def test_confusion_rows_are_true_columns_predicted():
 
 
 def test_sensitivity_and_ppv_by_hand():
-    conf = T([[1, 1, 0], [0, 1, 0], [1, 0, 2]])
-    sens, ppv = sensitivity_ppv(conf)
+    sens, ppv = sensitivity_ppv(T([0, 0, 1, 2, 2, 2]), T([0, 1, 1, 2, 0, 2]), 3)  # the confusion matrix above
     assert sens == pytest.approx([1 / 2, 1 / 1, 2 / 3])
     assert ppv == pytest.approx([1 / 2, 1 / 2, 2 / 2])
 
 
 def test_undefined_ppv_is_zero():
-    sens, ppv = sensitivity_ppv(confusion(T([0, 1]), T([0, 0]), 3))
+    sens, ppv = sensitivity_ppv(T([0, 1]), T([0, 0]), 3)
     assert ppv == [0.5, 0.0, 0.0] and sens == [1.0, 0.0, 0.0]
 
 
