@@ -69,8 +69,12 @@ class UAP(pl.LightningModule):
         super().__init__()
         self.classes = list(classes)
         self.norm = check_norm(norm)
-        if not 0 < float(zeta) <= 100:
-            raise ConfigError(f"attack.zeta={zeta}: expected a percentage in (0, 100]")
+        try:
+            zeta = float(zeta)
+        except (TypeError, ValueError):
+            raise ConfigError(f"attack.zeta={zeta!r}: expected a percentage in (0, 100]") from None
+        if not 0 < zeta <= 100:
+            raise ConfigError(f"attack.zeta={zeta:g}: expected a percentage in (0, 100]")
         if int(batch_size) < 1:
             raise ConfigError(f"attack.batch_size={batch_size}: expected an integer >= 1")
         if target is not None and target not in self.classes:
