@@ -203,10 +203,8 @@ def load_checkpoint(model: Classifier, path: Path) -> dict:
 
 
 def make_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
-    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kw.pop("_target_", None)
-    kw.update(overrides)
-    return pl.Trainer(**kw)
+    """The configured trainer (conf/trainer), with these arguments set or replaced (callbacks, logger...)."""
+    return instantiate(cfg.trainer, **overrides)
 
 
 def new_classifier(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
