@@ -40,12 +40,11 @@ def validate(cfg: DictConfig) -> None:
                           f" (train+val)")
     if a.input_limit is not None and (not isinstance(a.input_limit, int) or a.input_limit < 1):
         raise ConfigError(f"attack.input_limit={a.input_limit}: expected null or an integer >= 1")
-    if cfg.task != "train":  # every attack key, the parts' too, checked by the classes that use them
-        new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
+    # every attack key, the parts' too, checked by the classes that use them (whatever the task: one schema)
+    new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
     if cfg.get("defense"):
         check_defense(cfg.defense)
-    if cfg.task == "min_zeta":
-        check_min_zeta(cfg.min_zeta)
+    check_min_zeta(cfg.min_zeta)
 
 
 def check_defense(d: DictConfig) -> None:
