@@ -39,8 +39,8 @@ def device_for(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def run_tags(cfg: DictConfig) -> dict[str, str]:
-    tags = {"config_hash": classifier_key(cfg), "job_hash": sweep.job_hash(cfg), "task": cfg.task}
+def run_tags(cfg: DictConfig, dm: CXRDataModule | None = None) -> dict[str, str]:
+    tags = {"config_hash": classifier_key(cfg, dm), "job_hash": sweep.job_hash(cfg, dm), "task": cfg.task}
     if cfg.get("sweep_name"):
         tags["sweep"] = cfg.sweep_name
     if os.environ.get(sweep.LAUNCHER_ENV):  # which process launched it (an interrupted sweep closes its own)
@@ -90,13 +90,13 @@ def open_job(cfg: DictConfig, name: str, parent_run_id: str | None = None) -> It
     (KILLED when interrupted) and keeps what was logged."""
     validate(cfg)
     device = device_for(cfg)
+    dm: CXRDataModule = instantiate(cfg.data)  # one instance: its data fingerprint is taken once, for every key
     out = output_dir(cfg)
-    with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg), parent_run_id=parent_run_id) as mlrun:
+    with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg, dm), parent_run_id=parent_run_id) as mlrun:
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir():
             tracking.mlflow.log_artifacts(str(hydra_dir), "hydra")
         pl.seed_everything(cfg.seed, workers=True)
-        dm: CXRDataModule = instantiate(cfg.data)
         dm.setup()
         if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training

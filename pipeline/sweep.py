@@ -47,7 +47,7 @@ NOT_IDENTITY = {"paths", "tracking", "hydra", "enable_progress_bar", "log_every_
                 "num_workers", "sweep_name", "resume"}
 
 
-def job_hash(cfg: DictConfig) -> str:
+def job_hash(cfg: DictConfig, dm=None) -> str:
     """Identity of a job's result: the resolved config without paths, tracking and presentation keys, the
     fingerprint of the data it reads (edited data is not a done job), and the classifier and UAP cache
     versions (runs made before a code change that alters training or the attacks are not reused)."""
@@ -57,7 +57,7 @@ def job_hash(cfg: DictConfig) -> str:
     container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                  for k in cfg if k not in NOT_IDENTITY}
     container.update(cache_version=CACHE_VERSION, uap_cache_version=UAP_CACHE_VERSION,
-                     data_fingerprint=data_key(cfg))
+                     data_fingerprint=data_key(cfg, dm))
     return stable_hash(container, NOT_IDENTITY)
 
 
