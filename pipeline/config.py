@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 from pipeline.attack import new_attack
 from pipeline.data import MAX_IMAGE_SIZE
 from pipeline.errors import ConfigError
+
 
 def validate(cfg: DictConfig) -> None:
     """Every group of a composed config (the task itself is checked by pipeline.tasks.run)."""

@@ -13,9 +13,9 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import psutil
@@ -52,7 +52,7 @@ class GrayDataset(Dataset):
     def __getitem__(self, i):
         return to_float3(self.images[i]), self.labels[i]
 
-    def subset(self, idx) -> "GrayDataset":
+    def subset(self, idx) -> GrayDataset:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return GrayDataset(self.images[idx], self.labels[idx], [self.patients[i] for i in idx.tolist()])
 

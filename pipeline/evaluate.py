@@ -6,7 +6,6 @@ import torch.nn as nn
 
 from pipeline.data import GrayDataset, to_float3
 
-
 # inputs per forward pass in evaluation: CPU convolutions run fastest on small batches (measured on this 2-core
 # machine at 128 px, batches of 32 vs 128: mobilenetv3_large_100 1.8x, test_resnet 1.6x, resnet18 1.2x the
 # images per second), GPUs on large ones

@@ -1,8 +1,8 @@
 """Figures written as PNG: UAP images, example grids, confusion matrices."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 

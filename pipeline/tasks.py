@@ -14,7 +14,7 @@ Inside a sweep a job runs under its claim (pipeline.sweep.claim): a job already 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from omegaconf import DictConfig
 

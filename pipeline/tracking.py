@@ -6,8 +6,9 @@ import logging
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import mlflow
 from filelock import FileLock

@@ -40,8 +40,8 @@ def run_transfer(cfg: DictConfig) -> dict:
     from pipeline.errors import instantiate
     from pipeline.evaluate import predict
     from pipeline.experiment import device_for, output_dir
-    from pipeline.uaps import make_uap
     from pipeline.metrics import attack_rate
+    from pipeline.uaps import make_uap
 
     names = list(cfg.transfer.models)
     out = output_dir(cfg)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_cfg
+
 from pipeline.attack import lp_norms, project, random_uap, zeta_to_eps
 from pipeline.attack.acceptance import Always, IfFoolsMore
 from pipeline.attack.objective import CrossEntropy, LeaveClass, Margin

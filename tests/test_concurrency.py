@@ -7,7 +7,6 @@ import sys
 import time
 
 import psutil
-
 from conftest import ROOT, mlflow_runs, run_cli
 from test_reliability import start, wait_for
 

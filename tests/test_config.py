@@ -1,9 +1,9 @@
 """Configs: every option of every group composes and validates; bad values fail at start, naming the key."""
 
 import pytest
+from conftest import CONF, make_cfg, run_cli
 from omegaconf import OmegaConf
 
-from conftest import CONF, make_cfg, run_cli
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 

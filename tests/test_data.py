@@ -11,10 +11,10 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from conftest import make_cfg
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import make_cfg
 from pipeline.data import CovidxDataModule, PhantomDataModule, data_fingerprint, load_image, patient_split
 from pipeline.errors import ConfigError, DataError
 

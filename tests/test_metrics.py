@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from pipeline.metrics import (accuracy, attack_metrics, confusion, fooling_rate, fooling_rate_label,
-                              sensitivity_ppv, success_rate)
+from pipeline.metrics import (
+    accuracy,
+    attack_metrics,
+    confusion,
+    fooling_rate,
+    fooling_rate_label,
+    sensitivity_ppv,
+    success_rate,
+)
 
 T = torch.tensor
 

@@ -3,9 +3,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import FAST, mlflow_runs, run_cli
+from PIL import Image
 
 ARTIFACTS = {"uap.npy", "uap.png", "examples.png", "confusion_clean.png", "confusion_uap.png",
              "confusion_random.png", "confusion_classifier.png", "metrics.json", "hydra"}

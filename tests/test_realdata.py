@@ -1,6 +1,5 @@
 """Real chest X-rays (../shared/data/cxr3, 128 px): the small model learns them and a UAP breaks it."""
 import pytest
-
 from conftest import mlflow_runs, run_cli
 
 pytestmark = pytest.mark.realdata

@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST, ROOT, make_cfg, mlflow_runs, run_cli
+
+from pipeline.attack.initializer import check_budget, load_uap_file
 from pipeline.classifier import classifier_key, train_or_load
 from pipeline.errors import ConfigError
-from pipeline.attack.initializer import check_budget, load_uap_file
 
 
 def start(args, root):
@@ -170,8 +170,9 @@ def test_a_bad_value_is_one_line_and_exit_2_on_the_command_line(tmp_path):
 
 def test_edited_data_is_a_new_classifier_and_a_new_job(tmp_path):
     """The classifier cache key and the sweep's job hash follow the data actually read, not its path."""
-    from pipeline import sweep
     from test_data import good_lines, write_set
+
+    from pipeline import sweep
     data = tmp_path / "set"
     write_set(data, good_lines("tr"), good_lines("te"))
     cfg = make_cfg(["data=covidx", f"data.root={data}", "data.train_dir=images", "data.test_dir=images",

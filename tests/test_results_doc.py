@@ -5,7 +5,6 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import cells, mlflow_runs, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]

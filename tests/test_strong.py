@@ -5,7 +5,6 @@ zeta grows; the non-targeted FR is at least the fooling rate of each targeted UA
 each UAP of the grid is made once (the warm starts reuse the cache).
 """
 import pytest
-
 from conftest import mlflow_runs, run_cli
 
 pytestmark = pytest.mark.realdata

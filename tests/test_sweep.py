@@ -2,7 +2,6 @@
 import csv
 
 import pytest
-
 from conftest import cells, mlflow_runs, run_cli
 
 STEP2 = ["metrics.test_fr", "metrics.train_fr", "metrics.test_fr_random", "metrics.uap_norm", "metrics.eps"]
@@ -112,8 +111,8 @@ def test_resume_is_scoped_to_the_sweep_and_to_the_code_version(tmp_path, monkeyp
     """A job done in another sweep (or outside any) is not taken as done: the sweep's report must find all of
     its jobs; and a classifier cache version bump changes every job's identity (old runs are not reused)."""
     import mlflow
-
     from conftest import make_cfg
+
     from pipeline import classifier, sweep
     cfg = make_cfg(["zeta=2"], tmp_path)
     jhash = sweep.job_hash(cfg)

@@ -4,7 +4,6 @@ import json
 import mlflow
 import numpy as np
 import pytest
-
 from conftest import FAST, mlflow_runs, run_cli
 
 ATTACK = ["attack=sgd_uap", "attack.max_iter=3", "zeta=4"]

@@ -5,8 +5,8 @@ of radius eps. Restarts (`attack.restarts`) start from `RandomSphere` points of 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

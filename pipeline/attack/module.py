@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -41,7 +41,7 @@ KEEP = ("last", "best")
 TASK_KEYS = ("uap_file", "project_uap_file", "warm_start", "input_split", "input_limit", "max_iter", "delta", "step")
 
 
-def new_attack(attack, classifier: nn.Module, image_size: int, classes: Sequence[str], **changes) -> "UAP":
+def new_attack(attack, classifier: nn.Module, image_size: int, classes: Sequence[str], **changes) -> UAP:
     """The UAP module of an `attack` config (its task keys left out, `changes` applied) against `classifier`.
     With a stand-in classifier (nn.Identity) this checks every attack key, the parts' too, before any work."""
     from omegaconf import OmegaConf

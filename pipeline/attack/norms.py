@@ -4,7 +4,7 @@ The projector of every attack is `project`, chosen by `attack.norm` (linf or l2)
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
