@@ -12,7 +12,7 @@ ARGS    ?=
 WORKERS ?= 2    # `make test`: pytest processes (pytest-xdist), one torch thread each
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full run sweep report results bench transfer defense min-zeta ui server clean
+.PHONY: help install lint test test-full run sweep report results bench transfer defense min-zeta ui server clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ install:  ## create .venv and install the package with its test and bench extras
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test,bench]'
 	@$(PYTHON) -c "import torch, timm, pytorch_lightning, mlflow, hydra; print('installed: torch', torch.__version__, '| timm', timm.__version__, '| lightning', pytorch_lightning.__version__, '| mlflow', mlflow.__version__)"
+
+lint:  ## ruff (configured in pyproject.toml) over pipeline/ and tests/
+	$(BIN)/ruff check pipeline tests
 
 # Tests are mostly small models and process start-up, which one torch thread per process runs as fast as
 # two: WORKERS processes of one thread each (a test file stays on one process, its fixtures built once).
@@ -55,7 +58,8 @@ defense:  ## UAP adversarial fine-tuning rounds (ARGS="defense.rounds=5 data=cxr
 min-zeta:  ## smallest zeta reaching a target FR, by bisection (ARGS="min_zeta.target_fr=0.8 data=cxr3")
 	$(PYTHON) -m pipeline task=min_zeta $(ARGS)
 
-ui:  ## MLflow UI on the local store (http://127.0.0.1:5000)
+ui:  ## MLflow UI on the local store; open the runs table it prints (the experiment's default columns)
+	@echo "runs table: http://$(MLFLOW_HOST):$(MLFLOW_PORT)/#/experiments/1/runs?viewStateShareKey=uap-cxr&workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 server:  ## MLflow tracking server for parallel jobs (tracking=server); binds 127.0.0.1 unless MLFLOW_HOST=...

@@ -84,8 +84,10 @@ def interrupt_on_sigterm() -> None:
 
 def main(cfg: DictConfig) -> float | None:
     """One Hydra job: the task `cfg.task` (pipeline/tasks.py)."""
+    from pipeline.progress import quiet_libraries
     from pipeline.tasks import run  # heavy imports after Hydra has parsed the command line
 
+    quiet_libraries()
     interrupt_on_sigterm()
     metrics = guarded(run, cfg)
     return None if metrics is None else metrics.get("test_fr", metrics.get("test_acc"))

@@ -26,6 +26,7 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import progress
 from pipeline.data import data_fingerprint
 from pipeline.errors import ConfigError, UserError
 from pipeline.metrics import accuracy, class_metrics
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 # (2: best-validation weights taken after the module's epoch-end hook)
 CACHE_VERSION = 2
 # config keys that do not change the trained weights, left out of the cache key
-NON_DEFINING = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary", "epochs"}
+NON_DEFINING = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary", "epochs",
+                "name"}  # model.name: a display name
 
 
 def build_net(arch: str, num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
@@ -66,9 +68,10 @@ class Classifier(pl.LightningModule):
     """timm network + cross-entropy training; logs accuracy and per-class sensitivity / PPV."""
 
     def __init__(self, arch: str, classes: Sequence[str], optim: Any = None, pretrained: bool = False,
-                 pretrained_path: str | None = None, min_image_size: int = 32, extra: dict | None = None):
+                 pretrained_path: str | None = None, min_image_size: int = 32, extra: dict | None = None,
+                 name: str | None = None):
         super().__init__()
-        self.arch, self.classes = arch, list(classes)
+        self.arch, self.classes, self.name = arch, list(classes), name or arch
         self.optim = optim
         self.min_image_size = int(min_image_size)
         self.net = build_net(arch, len(self.classes), pretrained, pretrained_path, extra)
@@ -81,8 +84,8 @@ class Classifier(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log("train_acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+        self.log("fit/train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("fit/train_acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
         return loss
 
     def _eval_step(self, split, batch):
@@ -105,9 +108,9 @@ class Classifier(pl.LightningModule):
         self._outputs[split] = []
         metrics = {f"{split}_loss": loss.item() / len(labels), f"{split}_acc": accuracy(labels, preds)}
         metrics.update(class_metrics(split, labels, preds, self.classes))
-        acc = metrics.pop(f"{split}_acc")
-        self.log_dict(metrics, prog_bar=False)
-        self.log(f"{split}_acc", acc, prog_bar=True)
+        acc = metrics.pop(f"{split}_acc")  # the training curves: MLflow's "fit" section
+        self.log_dict({f"fit/{k}": v for k, v in metrics.items()}, prog_bar=False)
+        self.log(f"fit/{split}_acc", acc, prog_bar=True)
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val")
@@ -146,9 +149,10 @@ class BestWeights(pl.Callback):
     def on_validation_end(self, trainer, module):
         # on_validation_end, not on_validation_epoch_end: Lightning runs callbacks' epoch-end hooks before
         # the module's, so there callback_metrics would still hold the previous epoch's val_acc
-        if trainer.sanity_checking or "val_acc" not in trainer.callback_metrics:
+        m = trainer.callback_metrics
+        if trainer.sanity_checking or "fit/val_acc" not in m:
             return
-        score = (trainer.callback_metrics["val_acc"].item(), -trainer.callback_metrics["val_loss"].item())
+        score = (m["fit/val_acc"].item(), -m["fit/val_loss"].item())
         if self.best is None or score > self.best:
             self.best, self.epoch = score, trainer.current_epoch
             self.state = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
@@ -203,6 +207,19 @@ def load_checkpoint(model: Classifier, path: Path) -> dict:
     return meta
 
 
+def epoch_label(trainer: pl.Trainer) -> str:
+    return f"classifier epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+
+
+def epoch_line(trainer: pl.Trainer) -> str:
+    """`classifier epoch 3/20: train loss 0.412, val acc 0.633, val loss 0.871` (what this epoch logged)."""
+    m = trainer.callback_metrics
+    parts = [f"{name} {m[key].item():.3f}" for key, name in (("fit/train_loss_epoch", "train loss"),
+                                                            ("fit/val_acc", "val acc"), ("fit/val_loss", "val loss"))
+             if key in m]
+    return f"{epoch_label(trainer)}: {', '.join(parts)}"
+
+
 def make_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
     """The configured trainer (conf/trainer), with these arguments set or replaced (callbacks, logger...)."""
     return instantiate(cfg.trainer, **overrides)
@@ -229,12 +246,15 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
             except ValueError as e:
                 log.warning("%s; rebuilding the cache entry", e)
                 ckpt.unlink(missing_ok=True)
-        log.info("training %s on %s for %d epochs (cache key %s)", cfg.model.arch, type(dm).__name__,
-                 cfg.trainer.max_epochs, key)
-        pl.seed_everything(cfg.seed, workers=True)
+        log.info("training %s (%s) on %s for %d epochs (cache key %s)", cfg.model.get("name"), cfg.model.arch,
+                 type(dm).__name__, cfg.trainer.max_epochs, key)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
         model = new_classifier(cfg, dm.classes)  # re-created after seeding: same init for the same seed
         best = BestWeights()
-        trainer = make_trainer(cfg, callbacks=[best], logger=logger if logger is not None else False,
+        shown = progress.trainer_progress(bool(cfg.trainer.get("enable_progress_bar", True)), epoch_label,
+                                          epoch_line)
+        trainer = make_trainer(cfg, callbacks=[best, *shown.pop("callbacks")], **shown,
+                               logger=logger if logger is not None else False,
                                enable_checkpointing=False, default_root_dir=str(entry))
         t0 = time.time()
         trainer.fit(model, datamodule=dm)

@@ -83,7 +83,7 @@ class Job:
 
 
 @contextmanager
-def open_job(cfg: DictConfig, name: str, parent_run_id: str | None = None) -> Iterator[Job]:
+def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> Iterator[Job]:
     """One MLflow run around a task: the config checked, data loaded, the classifier trained or loaded from
     the cache and measured; at the end the metrics logged, written to metrics.json and summarised.
     A bad config value fails before the run opens (one line, no run); a later failure marks the run FAILED
@@ -92,32 +92,63 @@ def open_job(cfg: DictConfig, name: str, parent_run_id: str | None = None) -> It
     device = device_for(cfg)
     dm: CXRDataModule = instantiate(cfg.data)  # one instance: its data fingerprint is taken once, for every key
     out = output_dir(cfg)
-    with tracking.start_run(cfg, run_name=name, tags=run_tags(cfg, dm), parent_run_id=parent_run_id) as mlrun:
+    name, long_name = run_names(cfg, task)
+    tags = {**run_tags(cfg, dm), "long_name": long_name}
+    with tracking.start_run(cfg, run_name=name, tags=tags, parent_run_id=parent_run_id) as mlrun:
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir():
             tracking.mlflow.log_artifacts(str(hydra_dir), "hydra")
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm.setup()
         if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
         model, meta = train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id, cfg))
         tracking.mlflow.set_tag("classifier_cache", "hit" if meta["cache_hit"] else "trained")
         tracking.mlflow.set_tag("classifier_path", meta["path"])
+        model_id = None
+        if cfg.tracking.get("log_model", True):  # the classifier as an MLflow model, this run linked to it
+            model_id = tracking.log_classifier(model, Path(meta["path"]).parent, not meta["cache_hit"])["model_id"]
         job = Job(cfg, dm, model, out, device, mlrun.info.run_id, classifier_metrics(model, dm, out, device))
         tracking.log_metrics(job.metrics)  # logged now: an interrupted attack keeps them
         yield job
-        tracking.log_metrics(job.metrics)
+        tracking.log_metrics(job.metrics, model_id=model_id)  # also listed on the classifier's model page
         (out / "metrics.json").write_text(json.dumps(job.metrics, indent=2, sort_keys=True))
         tracking.log_artifact(out / "metrics.json")
         log.info("%s", summary(cfg, job.metrics, dm.classes))
-        log.info("MLflow run %s in %s (open with `make ui`); files in %s", mlrun.info.run_id, cfg.tracking.uri, out)
+        log.info("MLflow run %s in %s: `make ui`, then %s; files in %s", mlrun.info.run_id, cfg.tracking.uri,
+                 tracking.ui_url(mlrun.info.experiment_id, mlrun.info.run_id), out)
 
 
-def run_name(cfg: DictConfig, task: str) -> str:
-    """A run's name: model, task and, for the tasks that make a UAP, the attack's display name, norm, zeta, target."""
-    a = cfg.attack
-    uap = f"-{a.name}-{a.norm}-z{a.zeta}-{a.target or 'nontargeted'}" if task in ("attack", "evaluate", "defense") else ""
-    return f"{cfg.model.arch}-{task}{uap}"
+UAP_TASKS = ("attack", "evaluate", "defense")
+# overrides a run's name already says (or that change no result), left out of its tail
+NAMED = {"norm", "zeta", "attack.norm", "attack.zeta", "attack.target", "model", "attack", "task", "defense", "sweep",
+         "sweep_name", "tracking", "paths"}
+
+
+def job_overrides() -> list[str]:
+    """This Hydra job's command-line overrides (none outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def run_names(cfg: DictConfig, task: str) -> tuple[str, str]:
+    """A run's short name, the telling part first (`linf z2 COVID-19 · resnet18 · sgd_uap`, then the job's other
+    overrides, so the children of a sweep differ where their configs do), and its long form (tag `long_name`)."""
+    a, model = cfg.attack, cfg.model.get("name") or cfg.model.arch
+    uap = f"{a.norm} z{float(a.zeta):g}" + (f" {a.target}" if a.target is not None else "")
+    head = {"attack": uap, "train": "train", "min_zeta": f"min_zeta {a.norm} FR {float(cfg.min_zeta.target_fr):g}"
+            }.get(task, f"{task} {uap}")
+    parts = [head, model, *([a.name] if task in UAP_TASKS or task == "min_zeta" else [])]
+    rest = [o for o in job_overrides()
+            if o.split("=", 1)[0].lstrip("+~") not in NAMED and not o.startswith(("hydra", "+hydra"))]
+    short = " · ".join(parts + ([" ".join(rest)] if rest else []))
+    data = f"{cfg.data._target_.rsplit('.', 1)[-1]}({cfg.data.get('root') or ''}, {cfg.data.image_size} px)"
+    long = (f"task={task} model={model} ({cfg.model.arch}) attack={a.name} norm={a.norm} zeta={a.zeta} "
+            f"target={a.target} seed={cfg.seed} epochs={cfg.trainer.max_epochs} data={data}")
+    return short, long
 
 
 def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str, float]:
@@ -133,7 +164,8 @@ def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str,
         if split == "test":
             conf = confusion(ds.labels, pred, dm.num_classes)
             tracking.log_artifact(plots.plot_confusion(conf, dm.classes, out / "confusion_classifier.png",
-                                                       f"classifier, test (acc {metrics['test_acc']:.3f})"))
+                                                       f"{getattr(model, 'name', 'classifier')}, test, clean "
+                                                       f"(acc {metrics['test_acc']:.3f})"))
     return metrics
 
 
@@ -163,14 +195,17 @@ def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> 
     np.save(out / "uap.npy", uap[0].numpy().astype(np.float32))
     title = (f"{'targeted ' + atk.target_name if atk.targeted else 'non-targeted'} UAP, {atk.norm}, "
              f"zeta={atk.zeta:g}% (eps={atk.eps:.4g})")
-    files = [out / "uap.npy", plots.plot_uap(uap[0].numpy(), out / "uap.png", title)]
+    files = [out / "uap.npy", plots.plot_uap(uap[0].numpy(), out / "uap.png",
+                                             f"{cfg.model.get('name') or cfg.model.arch}: {title}")]
     test = dm.dataset("test")
     p = preds["test"]
-    files.append(plots.plot_examples(test.images[:8].float() / 255, uap[0], test.labels[:8], p["clean"][:8], p["uap"][:8],
-                                     dm.classes, out / "examples.png", clip=atk.clip, n=6))
+    files.append(plots.plot_examples(test.images[:8].float() / 255, uap[0], test.labels[:8], p["clean"][:8],
+                                     p["uap"][:8], dm.classes, out / "examples.png", clip=atk.clip, n=6,
+                                     title=f"{cfg.model.get('name') or cfg.model.arch}: {title}, test images"))
     for kind in ("clean", "uap", "random"):
         conf = confusion(test.labels, p[kind], dm.num_classes)
-        files.append(plots.plot_confusion(conf, dm.classes, out / f"confusion_{kind}.png", f"test, {kind}"))
+        files.append(plots.plot_confusion(conf, dm.classes, out / f"confusion_{kind}.png",
+                                          f"{cfg.model.get('name') or cfg.model.arch}, test, {kind}\n{title}"))
     for f in files:
         tracking.log_artifact(f)
     return metrics
@@ -191,7 +226,7 @@ def input_metrics(cfg: DictConfig, dm: CXRDataModule, net, uap, atk, train_preds
 
 
 def summary(cfg: DictConfig, m: dict, classes) -> str:
-    lines = [f"result: {cfg.model.arch} on {cfg.data._target_.rsplit('.', 1)[-1]} "
+    lines = [f"result: {cfg.model.get('name') or cfg.model.arch} on {cfg.data._target_.rsplit('.', 1)[-1]} "
              f"({cfg.data.image_size} px), clean test accuracy {m['test_acc']:.3f}"]
     if "min_zeta" in m:
         lines.append(f"min_zeta: smallest zeta reaching test FR {m['min_zeta_target_fr']:.2f}: {m['min_zeta']:g}% "

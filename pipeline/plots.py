@@ -31,44 +31,75 @@ def plot_uap(uap: np.ndarray, path: Path, title: str = "UAP") -> Path:
     return _save(fig, path)
 
 
-def plot_confusion(conf: torch.Tensor | np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+def confusion_figure(conf: torch.Tensor | np.ndarray, classes: Sequence[str], title: str):
+    """Rows: true class, columns: predicted; each cell the count and its share of the true class (the row),
+    coloured by that share (class sizes may differ)."""
     conf = np.asarray(conf)
-    fig, ax = plt.subplots(figsize=(3.8, 3.4))
-    ax.imshow(conf, cmap="Blues")
+    total = conf.sum(axis=1, keepdims=True)
+    share = conf / np.maximum(total, 1)
+    fig, ax = plt.subplots(figsize=(4.2, 3.7))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in range(conf.shape[0]):
         for j in range(conf.shape[1]):
-            ax.text(j, i, int(conf[i, j]), ha="center", va="center",
-                    color="white" if conf[i, j] > conf.max() / 2 else "black", fontsize=9)
+            ax.text(j, i, f"{int(conf[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_yticks(range(len(classes)), [f"{c} ({int(n)})" for c, n in zip(classes, total[:, 0])], fontsize=8)
+    ax.set_xlabel("predicted  (cells: count, % of the true class)", fontsize=8)
+    ax.set_ylabel("true (images)", fontsize=8)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return fig
 
 
-def plot_examples(images: torch.Tensor, uap: torch.Tensor, labels, clean_pred, adv_pred, classes: Sequence[str],
-                  path: Path, clip: bool = False, n: int = 6) -> Path:
-    """Clean (top row) vs perturbed (bottom row) images with true / clean / perturbed predictions.
+def plot_confusion(conf: torch.Tensor | np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    return _save(confusion_figure(conf, classes, title), path)
+
+
+def amplified(uap: np.ndarray) -> tuple[np.ndarray, float]:
+    """The UAP scaled to the full grey range (0 at mid-grey, the largest |v| at black or white), as the paper's
+    figures show it, and the factor."""
+    lim = float(np.abs(uap).max()) or 1.0
+    return 0.5 + uap * (0.5 / lim), 0.5 / lim
+
+
+def examples_figure(images: torch.Tensor, uap: torch.Tensor, labels, clean_pred, adv_pred, classes: Sequence[str],
+                    clip: bool = False, n: int = 6, title: str = ""):
+    """Clean (top row) vs perturbed (bottom row) images with true / clean / perturbed predictions, and a last
+    column with the perturbation amplified to the full range.
 
     Not torchvision's make_grid: each tile needs its own title (the predictions, red where fooled), which
     a single grid image cannot carry."""
     n = min(n, len(images))
-    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
+    fig = plt.figure(figsize=(1.9 * (n + 2), 4.5 if title else 4.2))
+    grid = fig.add_gridspec(2, n + 1, width_ratios=[1] * n + [2])  # the perturbation: twice as large
+    v = uap.numpy()
     for k in range(n):
         clean = images[k, 0].numpy()
-        adv = clean + uap.numpy()
+        adv = clean + v
         if clip:
             adv = np.clip(adv, 0, 1)
         for row, (img, pred) in enumerate(((clean, clean_pred[k]), (adv, adv_pred[k]))):
-            ax = axes[row, k]
+            ax = fig.add_subplot(grid[row, k])
             ax.imshow(img, cmap="gray", vmin=0, vmax=1)
             ax.axis("off")
             fooled = row == 1 and int(adv_pred[k]) != int(clean_pred[k])
             head = f"true {classes[int(labels[k])]}\n" if row == 0 else ""
             ax.set_title(f"{head}{'clean' if row == 0 else 'UAP'}: {classes[int(pred)]}", fontsize=7,
                          color="red" if fooled else "black")
-    return _save(fig, path)
+    ax = fig.add_subplot(grid[:, n])
+    img, factor = amplified(v)
+    ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    ax.set_title(f"UAP v, amplified\n(x{factor:.3g}, mid-grey = 0)", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_examples(images: torch.Tensor, uap: torch.Tensor, labels, clean_pred, adv_pred, classes: Sequence[str],
+                  path: Path, clip: bool = False, n: int = 6, title: str = "") -> Path:
+    """`examples_figure` as PNG."""
+    return _save(examples_figure(images, uap, labels, clean_pred, adv_pred, classes, clip, n, title), path)
 
 
 def plot_defense(history: list[dict], key: str, path: Path) -> Path:

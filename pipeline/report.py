@@ -6,9 +6,15 @@
 
 Writes to outputs/report/ (or --out): results.csv (one row per run) and results.md (the classifiers' clean
 test accuracy and per-class sensitivity / PPV; paper-style tables per norm: FR or TSR, train / test, UAP and
-random control, by zeta; where non-targeted UAPs send the test images; every run in one table), fr_vs_zeta.png (FR / TSR vs zeta per
-model and norm, random control dashed), uaps.png (the UAPs at the headline zeta) and
-confusion_<model>.png (clean / UAP / random confusion matrices of the headline setting).
+random control, by zeta; where non-targeted UAPs send the test images; every run in one table),
+fr_vs_zeta.png (FR / TSR vs zeta per model and norm, random control dashed), uaps.png (the UAPs at the
+headline zeta, with colour bars) and confusion_<model>.png (clean / UAP / random confusion matrices of the
+headline setting).
+
+Runs of different configs with the same model / attack / target / norm (another seed, epochs, image size,
+data root...) are not merged: the config values that tell them apart become table columns and figure labels
+(pipeline.tables.assign_groups), and every table row names its runs (MLflow run ids, first 8 characters).
+A model is named by its config's `model.name` everywhere (older stores: the `choice.model` tag, else the arch).
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.tables import TARGET_ORDER, headline, sort_key, write_tables
+from pipeline.tables import TARGET_ORDER, assign_groups, group_key, group_label, headline, sort_key, write_tables
+from pipeline.tracking import flat_metrics
 
 log = logging.getLogger("pipeline.report")
 
@@ -56,49 +63,65 @@ def select_runs(experiment: str, sweep: str | None) -> list:
     return list(newest.values())
 
 
+def model_name(run) -> str:
+    """One name per model in every table and figure: the config's `model.name`; for stores written before
+    it, the config group chosen (`choice.model` tag), else the timm arch."""
+    p = run.data.params
+    return p.get("model.name") or run.data.tags.get("choice.model") or p.get("model.arch", "?")
+
+
 def row_of(run) -> dict:
-    p, m = run.data.params, run.data.metrics
+    p, m = run.data.params, flat_metrics(run.data.metrics)  # grouped MLflow names (test/fr) or older flat ones
     target = p.get("attack.target", "None")
     targeted = target not in ("None", "null", "", None)
     key = "tsr" if targeted else "fr"
     return {
         "data": run.data.tags.get("choice.data", p.get("data._target_", "").rsplit(".", 1)[-1]),
-        "model": p.get("model.arch"), "attack": p.get("attack.name") or p.get("attack._target_", "").rsplit(".", 1)[-1],
+        "model": model_name(run), "attack": p.get("attack.name") or p.get("attack._target_", "").rsplit(".", 1)[-1],
         "target": target if targeted else "non-targeted", "norm": p.get("attack.norm"),
         "zeta": float(p.get("attack.zeta", "nan")), "eps": m.get("eps"), "metric": key.upper(),
         "train": m.get(f"train_{key}"), "train_random": m.get(f"train_{key}_random"),
         "test": m.get(f"test_{key}"), "test_random": m.get(f"test_{key}_random"),
         "test_acc_clean": m.get("test_acc_clean"), "passes": m.get("uap_passes"), "seconds": m.get("uap_seconds"),
-        "run_id": run.info.run_id, "metrics": m,
+        "run_id": run.info.run_id, "run_name": run.info.run_name, "model_arch": p.get("model.arch"),
+        "config_hash": run.data.tags.get("config_hash"), "params": dict(p), "metrics": m,
     }
 
 
 def plot_vs_zeta(rows: list[dict], out: Path) -> Path:
-    panels = sorted({(r["model"], r["norm"]) for r in rows})
-    models = sorted({m for m, _ in panels})
-    norms = sorted({n for _, n in panels})
-    fig, axes = plt.subplots(len(models), len(norms), figsize=(4.6 * len(norms), 3.4 * len(models)), squeeze=False)
+    """Test FR / TSR vs zeta, one panel per (data, model, norm), one line per attack, target and config group
+    (labelled by the values that tell it apart): never two points at one zeta on a line."""
+    panels = sorted({(r["data"], r["model"], r["norm"]) for r in rows})
+    cells = sorted({p[:2] for p in panels})
+    norms = sorted({p[2] for p in panels})
+    many_data = len({p[0] for p in panels}) > 1
+    fig, axes = plt.subplots(len(cells), len(norms), figsize=(4.8 * len(norms), 3.6 * len(cells)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, model in enumerate(models):
+    for i, (data, model) in enumerate(cells):
         for j, norm in enumerate(norms):
             ax = axes[i, j]
-            sel = [r for r in rows if r["model"] == model and r["norm"] == norm]
+            sel = [r for r in rows if (r["data"], r["model"], r["norm"]) == (data, model, norm)]
             if not sel:  # this model was not run with this norm
                 ax.axis("off")
                 continue
-            series = sorted({(r["attack"], r["target"]) for r in sel}, key=lambda s: (s[0], TARGET_ORDER.get(s[1], 9)))
-            for k, (attack, target) in enumerate(series):
+            first = {}
+            for r in sel:
+                first.setdefault((r["attack"], r["target"], r.get("group", ())), r)
+            series = sorted(first, key=lambda s: (s[0], TARGET_ORDER.get(s[1], 9), group_key(first[s])))
+            many_attacks = len({s[0] for s in series}) > 1
+            for k, (attack, target, group) in enumerate(series):
                 pts = sorted((r["zeta"], r["test"], r["test_random"]) for r in sel
-                             if r["attack"] == attack and r["target"] == target)
+                             if (r["attack"], r["target"], r.get("group", ())) == (attack, target, group))
                 z = [p[0] for p in pts]
                 c = colors[k % len(colors)]
-                label = f"{target}" + (f" ({attack})" if len({s[0] for s in series}) > 1 else "")
+                parts = (target, attack if many_attacks else "", group_label(first[attack, target, group]))
+                label = ", ".join(x for x in parts if x)
                 ax.plot(z, [p[1] for p in pts], "o-", color=c, label=label)
-                ax.plot(z, [p[2] for p in pts], "--", color=c, alpha=0.7)
+                ax.plot(z, [p[2] for p in pts], "x--", color=c, alpha=0.7, markersize=5)  # x: a lone point shows
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("zeta (%)")
             ax.set_ylabel("test FR (non-targeted) / TSR (targeted)")
-            ax.set_title(f"{model}, {norm}  (dashed: random control)", fontsize=9)
+            ax.set_title(f"{data + ': ' if many_data else ''}{model}, {norm}  (dashed: random control)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -111,6 +134,10 @@ def read_artifact(run_id: str, name: str, load):
     """Download one artifact of a run into a temporary folder and load it."""
     with tempfile.TemporaryDirectory() as tmp:
         return load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp))
+
+
+def fmt_eps(eps) -> str:
+    return "?" if eps is None else f"{eps:.3g}"
 
 
 def plot_uaps(rows: list[dict], out: Path, zeta: float) -> Path | None:
@@ -126,21 +153,32 @@ def plot_uaps(rows: list[dict], out: Path, zeta: float) -> Path | None:
     n = len(uaps)
     cols = min(n, 4)
     rows_n = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(2.3 * cols, 2.5 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.7 * rows_n), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (r, u) in zip(axes.flat, uaps):
-        lim = float(np.abs(u).max()) or 1.0
-        ax.imshow(u, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        ax.set_title(f"{r['model']} {r['target']}\n{r['norm']} zeta={r['zeta']:g}% {r['metric']}={r['test']:.2f}", fontsize=7)
+        lim = float(np.abs(u).max())
+        im = ax.imshow(u, cmap="RdBu_r", vmin=-(lim or 1.0), vmax=lim or 1.0, interpolation="nearest")
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cb.ax.tick_params(labelsize=7)
+        config = f"\n{group_label(r)}" if r.get("config") else ""
+        ax.set_title(f"{r['model']}, {r['target']}\n{r['norm']}, zeta={r['zeta']:g}% (eps={fmt_eps(r['eps'])}), "
+                     f"test {r['metric']}={r['test']:.2f}{config}{'' if lim else ' (v = 0)'}", fontsize=8)
+    fig.suptitle("UAPs (pixel values added to images in [0, 1])", fontsize=9)
     fig.tight_layout()
     path = out / "uaps.png"
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     # noise does not compress: a 256-colour palette keeps the file small (the colour map has 256 levels anyway)
     from PIL import Image
     Image.open(path).convert("RGB").quantize(colors=256).save(path, optimize=True)
     return path
+
+
+def slug(r: dict) -> str:
+    """A file name part for a row's model and config group: `tiny`, `tiny_seed-7_trainer.max_epochs-3`."""
+    parts = [r["model"], *(f"{k}-{v}" for k, v in r.get("config", {}).items())]
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in "_".join(parts))[:150]
 
 
 def plot_confusions(rows: list[dict], out: Path, zeta: float) -> list[Path]:
@@ -157,14 +195,21 @@ def plot_confusions(rows: list[dict], out: Path, zeta: float) -> list[Path]:
                 break
         if len(imgs) != 3:
             continue
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
-        for ax, img in zip(axes, imgs):
+        # side by side at their own pixel size (scaled down, their 8-point cell text would not read)
+        dpi, head = 110, 40
+        width, height = sum(i.shape[1] for i in imgs), max(i.shape[0] for i in imgs)
+        fig = plt.figure(figsize=(width / dpi, (height + head) / dpi), dpi=dpi)
+        x = 0
+        for img in imgs:
+            ax = fig.add_axes((x / width, 0, img.shape[1] / width, img.shape[0] / (height + head)))
             ax.imshow(img)
             ax.axis("off")
-        fig.suptitle(f"{r['model']} ({r['attack']}, {r['norm']}, zeta={r['zeta']:g}%): test confusion, clean / UAP / random",
-                     fontsize=9)
-        path = out / f"confusion_{r['model']}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+            x += img.shape[1]
+        config = f"; {group_label(r)}" if r.get("config") else ""
+        fig.suptitle(f"{r['data']}, {r['model']} ({r['attack']}, {r['norm']}, zeta={r['zeta']:g}%{config}): "
+                     f"test confusion, clean / UAP / random", fontsize=9)
+        path = out / f"confusion_{slug(r)}.png"
+        fig.savefig(path, dpi=dpi)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -177,18 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="uap-cxr", help="MLflow experiment name (default: uap-cxr)")
     ap.add_argument("--sweep", default=None, help="a sweep's parent run id or sweep name (default: all runs)")
     ap.add_argument("--out", default="outputs/report", help="output folder (default: outputs/report)")
-    ap.add_argument("--zeta", type=float, default=2.0, help="headline zeta for the UAP and confusion panels (default 2)")
+    ap.add_argument("--zeta", type=float, default=2.0,
+                    help="headline zeta for the UAP and confusion panels (default 2)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded figure
     mlflow.set_tracking_uri(args.tracking_uri)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = sorted((row_of(r) for r in select_runs(args.experiment, args.sweep)), key=sort_key)
+    rows = [row_of(r) for r in select_runs(args.experiment, args.sweep)]
+    assign_groups(rows)  # the config columns that tell runs of one model / attack / target / norm apart
+    rows.sort(key=sort_key)
     files = [*write_tables(rows, out, args.zeta), plot_vs_zeta(rows, out), plot_uaps(rows, out, args.zeta),
              *plot_confusions(rows, out, args.zeta)]
     print((out / "results.md").read_text())
-    print("report: %d runs -> %s" % (len(rows), ", ".join(str(f) for f in files if f)))
+    print(f"report: {len(rows)} runs -> {', '.join(str(f) for f in files if f)}")
     return 0
 
 

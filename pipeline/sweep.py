@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ import mlflow
 from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from pipeline import tracking
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +91,31 @@ def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
             jobs[key] = r
     rows = []
     for r in jobs.values():
-        row = {"run_id": r.info.run_id, "status": r.info.status, "overrides": r.data.tags.get("overrides", "")}
-        row.update({m: r.data.metrics.get(m) for m in SUMMARY_METRICS if m in r.data.metrics})
+        p = r.data.params
+        row = {"run_id": r.info.run_id, "status": r.info.status, "overrides": r.data.tags.get("overrides", ""),
+               "model": p.get("model.name") or r.data.tags.get("choice.model") or p.get("model.arch"),
+               "norm": p.get("attack.norm"), "zeta": p.get("attack.zeta"), "target": p.get("attack.target")}
+        metrics = tracking.flat_metrics(r.data.metrics)
+        row.update({m: metrics[m] for m in SUMMARY_METRICS if m in metrics})
         rows.append(row)
     return sorted(rows, key=lambda r: r["overrides"])
+
+
+def headline(rows: list[dict]) -> dict[str, float]:
+    """The parent run's metrics, so that its row alone compares sweeps: each finished job's test FR (TSR when
+    targeted) and its random control, as `MODEL/NORM zZETA FR` (`tiny/linf z2 TSR COVID-19`); MLflow groups
+    them by model."""
+    out = {}
+    for r in rows:
+        targeted = r["target"] not in (None, "None", "")
+        key = "tsr" if targeted else "fr"
+        if r["status"] not in DONE or f"test_{key}" not in r:
+            continue
+        zeta = float(r["zeta"]) if r["zeta"] is not None else float("nan")
+        name = f"{r['model']}/{r['norm']} z{zeta:g} {key.upper()}{' ' + r['target'] if targeted else ''}"
+        out[name] = r[f"test_{key}"]
+        out[name + " random"] = r[f"test_{key}_random"]
+    return out
 
 
 def write_summary(rows: list[dict], path: Path) -> Path:
@@ -277,7 +301,6 @@ class MLflowParentRun(Callback):
     """Opens (or resumes) the MLflow parent run of a multirun and closes it with a summary of its jobs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from pipeline import tracking
         from pipeline.errors import UserError
         try:
             State.experiment_id = tracking.setup(config.tracking)
@@ -303,7 +326,6 @@ class MLflowParentRun(Callback):
 
     def open_parent(self, config: DictConfig, shash: str, overrides: list[str], sweep_params: dict) -> str:
         """The parent run of this sweep: the same sweep again resumes under its parent (finished jobs skipped)."""
-        from pipeline import tracking
         client = mlflow.MlflowClient()
         previous = mlflow.search_runs([State.experiment_id], filter_string=f"tags.sweep_hash = '{shash}'",
                                       max_results=1, output_format="list")
@@ -354,6 +376,10 @@ class MLflowParentRun(Callback):
             json.dump(rows, fh, indent=1)
         client.log_artifact(State.run_id, str(out / "summary.json"))
         failed = sum(r["status"] not in DONE for r in rows)
+        metrics = headline(rows)
+        if metrics:
+            client.log_batch(State.run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
+                                                    for k, v in metrics.items()])
         client.set_tag(State.run_id, "children", str(len(rows)))
         client.set_tag(State.run_id, "children_failed", str(failed))
         client.set_tag(State.run_id, "jobs_failed", str(jobs_failed))

@@ -1,9 +1,15 @@
 """Tables: markdown (the report's, the sweep summary's, the benchmarks'), and the report's results.csv /
-results.md built from its rows (one dict per run, pipeline.report.row_of)."""
+results.md built from its rows (one dict per run, pipeline.report.row_of).
+
+Runs of different configs can share model / attack / target / norm / zeta (a default run, one with
+`seed=7 data.epochs=3`, a sweep): `assign_groups` finds the config params that tell them apart, every table
+shows those as columns (none in a plain sweep), and every row names the runs it comes from."""
 from __future__ import annotations
 
 import csv
 import math
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -13,13 +19,120 @@ def md_table(head: list[str], cells: list[list[str]]) -> str:
 
 
 COLUMNS = ["data", "model", "attack", "target", "norm", "zeta", "eps", "metric", "train", "train_random",
-           "test", "test_random", "test_acc_clean", "passes", "seconds", "run_id"]
+           "test", "test_random", "test_acc_clean", "passes", "seconds", "run_id", "run_name", "model_arch",
+           "config_hash", "config"]
 NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
 TARGET_ORDER = {"non-targeted": 0, "normal": 1, "pneumonia": 2, "COVID-19": 3}
 
+# Config params (MLflow params: the flattened job config) that never tell runs apart in a table: where the
+# files and the store are, presentation and sweep bookkeeping, other tasks' settings, what is a column
+# already (model, attack, target, norm, zeta) or follows from it (eps, input count), and data.epochs (only
+# the default of trainer.max_epochs, which is what trained the classifier).
+IGNORED_PREFIXES = ("paths.", "tracking.", "hydra.", "min_zeta.", "transfer.", "defense.")
+IGNORED = {"sweep_name", "resume", "task", "zeta", "defense", "attack.zeta", "attack.norm", "attack.target",
+           "attack.name", "attack.eps", "attack.n_inputs", "model.name", "data.epochs"}
+IGNORED_LEAVES = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary"}
+# shown first, and kept when another param always has the same values (data.seed is ${seed})
+FIRST = ["seed", "trainer.max_epochs", "data.image_size", "data.root", "model.arch"]
+
+
+def short_id(run_id: str) -> str:
+    return str(run_id)[:8]
+
+
+def natural(v) -> tuple:
+    """Sort key of a config value: numbers by value, before text."""
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+def table_row(r: dict) -> tuple:
+    """What a row of the paper-style tables stands for, before the config columns: its zetas are its cells."""
+    return (r["data"], r["model"], r["attack"], r["target"], r["norm"])
+
+
+def groups_param(k: str) -> bool:
+    return not (k in IGNORED or k.startswith(IGNORED_PREFIXES) or k.rsplit(".", 1)[-1] in IGNORED_LEAVES)
+
+
+def priority(k: str) -> tuple:
+    return (FIRST.index(k) if k in FIRST else len(FIRST), k)
+
+
+def config_columns(rows: list[dict], cell: Callable[[dict], tuple] = table_row,
+                   unique: Callable[[dict], tuple] | None = None, keep: Callable[[str], bool] = lambda k: True,
+                   fallback: str | None = "run") -> list[str]:
+    """The config params whose values differ between runs of one `cell` (by default a row of the paper-style
+    tables: data, model, attack, target, norm): seed, trainer.max_epochs, data.image_size, data.root, attack
+    options... A param a run does not have (a store written by older code) counts only where nothing else
+    tells two runs with the same `unique` key (cell and zeta) apart; a param with the same values as one
+    before it in every run (data.seed and seed) is left out. Where even that leaves two runs on one key,
+    `fallback` ("run": the run id) tells them apart."""
+    unique = unique or (lambda r: (*cell(r), r["zeta"]))
+    cand = sorted({k for r in rows for k in r.get("params", {}) if groups_param(k) and keep(k)}, key=priority)
+    chosen: list[str] = []
+
+    def value(r, k):
+        return r.get("params", {}).get(k)
+
+    def add(groups, strict):
+        for grp in groups:
+            for k in cand:
+                vals = {value(r, k) for r in grp}
+                if not strict:
+                    vals.discard(None)
+                if len(vals) > 1 and k not in chosen:
+                    chosen.append(k)
+        seen, kept = set(), []
+        for k in sorted(chosen, key=priority):
+            vec = tuple(value(r, k) for r in rows)
+            if vec not in seen:
+                seen.add(vec)
+                kept.append(k)
+        chosen[:] = kept
+
+    def colliding():
+        by = defaultdict(list)
+        for r in rows:
+            by[(*unique(r), *(value(r, k) for k in chosen))].append(r)
+        return [g for g in by.values() if len(g) > 1]
+
+    by_cell = defaultdict(list)
+    for r in rows:
+        by_cell[cell(r)].append(r)
+    add([g for g in by_cell.values() if len(g) > 1], strict=False)
+    add(colliding(), strict=True)
+    if fallback and colliding():
+        chosen.append(fallback)
+    return chosen
+
+
+def config_of(r: dict, cols: list[str]) -> dict[str, str]:
+    return {k: short_id(r["run_id"]) if k == "run" else str(r.get("params", {}).get(k, "")) for k in cols}
+
+
+def assign_groups(rows: list[dict]) -> list[str]:
+    """Sets each row's "config" ({param: value} of `config_columns`) and "group" (its values); returns the params."""
+    cols = config_columns(rows)
+    for r in rows:
+        r["config"] = config_of(r, cols)
+        r["group"] = tuple(r["config"].values())
+    return cols
+
+
+def group_label(r: dict) -> str:
+    """"seed=7, trainer.max_epochs=3": what tells this row's runs apart from others of the same model, ..."""
+    return ", ".join(f"{k}={v}" for k, v in r.get("config", {}).items())
+
+
+def group_key(r: dict) -> tuple:
+    return tuple(natural(v) for v in r.get("group", ()))
+
 
 def sort_key(r: dict):
-    return (r["data"], r["model"], r["attack"], TARGET_ORDER.get(r["target"], 9), r["norm"], r["zeta"])
+    return (r["data"], r["model"], r["attack"], TARGET_ORDER.get(r["target"], 9), r["norm"], group_key(r), r["zeta"])
 
 
 def fmt(v, key: str = "") -> str:
@@ -30,22 +143,34 @@ def fmt(v, key: str = "") -> str:
     return "" if v is None else str(v)
 
 
+def runs_cell(ids: list[str], most: int = 6) -> str:
+    """Short run ids; a long list ends with how many more."""
+    ids = [short_id(i) for i in ids]
+    return ", ".join(ids) if len(ids) <= most else ", ".join(ids[:most - 1]) + f" +{len(ids) - most + 1} more"
+
+
 def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, Path]:
+    cols = assign_groups(rows)
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
-    head = ["data", "model", "attack", "target", "norm", "zeta (%)", "metric", "train UAP", "train random",
-            "test UAP", "test random", "clean test acc"]
-    keys = ["data", "model", "attack", "target", "norm", "zeta", "metric", "train", "train_random", "test",
-            "test_random", "test_acc_clean"]
+        w.writerows({**r, "config": group_label(r)} for r in rows)
+    head = ["data", "model", "attack", "target", "norm", "zeta (%)", *cols, "metric", "train UAP", "train random",
+            "test UAP", "test random", "clean test acc", "run"]
+    keys = ["data", "model", "attack", "target", "norm", "zeta"]
+    vals = ["metric", "train", "train_random", "test", "test_random", "test_acc_clean"]
+    kind, norms = "FR" if len(targets(rows)) == 1 else "FR / TSR", sorted({r["norm"] for r in rows})
     sections = [("Classifiers: clean test set", classifier_table(rows)),
-                *((f"{'FR' if len(targets(rows)) == 1 else 'FR / TSR'}, {NORM_NAMES.get(norm, norm)}: train / test, UAP and random control",
-                   paper_table([r for r in rows if r["norm"] == norm])) for norm in sorted({r["norm"] for r in rows})),
-                (f"Where non-targeted UAPs send the test images: share of predictions per class, clean -> **UAP** (random), "
-                 f"zeta closest to {zeta:g} %", shares_table(rows, zeta)),
-                ("Every run", md_table(head, [[fmt(r[k], k) for k in keys] for r in rows]))]
-    text = "\n".join(f"### {title}\n\n{body}" for title, body in sections if body)
+                *((f"{kind}, {NORM_NAMES.get(norm, norm)}: train / test, UAP and random control",
+                   paper_table([r for r in rows if r["norm"] == norm], cols)) for norm in norms),
+                ("Where non-targeted UAPs send the test images: share of predictions per class, clean -> **UAP** "
+                 f"(random), zeta closest to {zeta:g} %", shares_table(rows, zeta, cols)),
+                ("Every run", md_table(head, [[*(fmt(r[k], k) for k in keys), *r["config"].values(),
+                                               *(fmt(r[k], k) for k in vals), short_id(r["run_id"])] for r in rows]))]
+    apart = ", ".join(f"`{c}`" for c in cols)
+    note = (f"{len(rows)} runs. `run` / `runs`: MLflow run ids, first 8 characters (a row's runs in zeta order)"
+            + (f"; rows of one model / attack / target / norm are told apart by {apart}" if cols else "") + ".\n\n")
+    text = note + "\n".join(f"### {title}\n\n{body}" for title, body in sections if body)
     (out / "results.md").write_text(text)
     return out / "results.csv", out / "results.md"
 
@@ -61,54 +186,69 @@ def class_names(rows: list[dict]) -> list[str]:
 
 
 def classifier_table(rows: list[dict]) -> str:
-    """One row per trained classifier (data, model): val / test accuracy, per-class sensitivity / PPV on test."""
-    first = {}
+    """One row per trained classifier (its cache key, the `config_hash` tag): val / test accuracy, per-class
+    sensitivity / PPV on test; the config params that tell classifiers of one data / model apart; its runs."""
+    first: dict = {}
+    runs = defaultdict(list)
     for r in rows:
-        first.setdefault((r["data"], r["model"]), r["metrics"])
+        k = r.get("config_hash") or (r["data"], r["model"], r.get("group", ()))
+        first.setdefault(k, r)
+        runs[k].append(r["run_id"])
+    reps = list(first.values())
+    dm = lambda r: (r["data"], r["model"])  # noqa: E731
+    cols = config_columns(reps, cell=dm, unique=dm, keep=lambda k: not k.startswith("attack."), fallback=None)
     classes = class_names(rows)
-    head = ["data", "model", "val acc", "test acc", *(f"{c} sens / PPV" for c in classes)]
-    cells = [[d, model, fmt(m.get("val_acc")), fmt(m.get("test_acc")),
-              *(f"{fmt(m.get(f'test_sens_{c}'))} / {fmt(m.get(f'test_ppv_{c}'))}" for c in classes)]
-             for (d, model), m in sorted(first.items())]
+    head = ["data", "model", *cols, "classifier", "val acc", "test acc", *(f"{c} sens / PPV" for c in classes), "runs"]
+    cells = []
+    order = lambda kv: (*dm(kv[1]), *map(natural, config_of(kv[1], cols).values()))  # noqa: E731
+    for k, r in sorted(first.items(), key=order):
+        m = r["metrics"]
+        cells.append([r["data"], r["model"], *config_of(r, cols).values(), fmt(r.get("config_hash"))[:8],
+                      fmt(m.get("val_acc")), fmt(m.get("test_acc")),
+                      *(f"{fmt(m.get(f'test_sens_{c}'))} / {fmt(m.get(f'test_ppv_{c}'))}" for c in classes),
+                      runs_cell(runs[k])])
     return md_table(head, cells)
 
 
-def paper_table(rows: list[dict]) -> str:
-    """Paper-style: one row per (data, model, attack, target) and UAP / random, one column per zeta; train / test."""
+def paper_table(rows: list[dict], cols: list[str] = ()) -> str:
+    """Paper-style: one row per (data, model, attack, target, config columns) and UAP / random, one column per
+    zeta ("train / test"); the runs of the row in zeta order."""
     zetas = sorted({r["zeta"] for r in rows})
-    cell = {(r["data"], r["model"], r["attack"], r["target"], r["zeta"]): r for r in rows}
-    groups = sorted({k[:4] for k in cell}, key=lambda k: (k[0], k[1], k[2], TARGET_ORDER.get(k[3], 9)))
-    head = ["data", "model", "attack", "target", "metric", "perturbation", *(f"zeta {z:g} %" for z in zetas)]
+    cell = {(*table_row(r)[:4], *r.get("group", ()), r["zeta"]): r for r in rows}
+    groups = sorted({k[:-1] for k in cell}, key=lambda g: (*g[:3], TARGET_ORDER.get(g[3], 9), *map(natural, g[4:])))
+    head = ["data", "model", "attack", "target", *cols, "metric", "perturbation", *(f"zeta {z:g} %" for z in zetas),
+            "runs"]
     cells = []
     for g in groups:
         metric = "FR" if g[3] == "non-targeted" else "TSR"
+        vals = [cell.get((*g, z)) for z in zetas]
+        ids = runs_cell([r["run_id"] for r in vals if r is not None], most=len(zetas))
         for kind, (tr, te) in (("UAP", ("train", "test")), ("random", ("train_random", "test_random"))):
-            vals = [cell.get((*g, z)) for z in zetas]
-            cells.append([*g, metric, kind, *("" if r is None else f"{fmt(r[tr])} / {fmt(r[te])}" for r in vals)])
+            cells.append([*g, metric, kind, *("" if r is None else f"{fmt(r[tr])} / {fmt(r[te])}" for r in vals), ids])
     return md_table(head, cells)
 
 
-def shares_table(rows: list[dict], zeta: float) -> str:
+def shares_table(rows: list[dict], zeta: float, cols: list[str] = ()) -> str:
     """Share of test predictions per class: clean -> under the non-targeted UAP (under the random control)."""
     classes = class_names(rows)
     sel = [r for r in headline(rows, zeta) if r["target"] == "non-targeted"]
     if not sel or not classes:
         return ""
-    head = ["data", "model", "attack", "norm", "zeta (%)", *classes]
+    head = ["data", "model", "attack", "norm", "zeta (%)", *cols, *classes, "run"]
     cells = []
     for r in sel:
-        m = r["metrics"]
-        share = lambda kind, c: fmt(m.get(f"test_{kind}_share_{c}"))  # noqa: E731
-        cells.append([r["data"], r["model"], r["attack"], r["norm"], fmt(r["zeta"], "zeta"),
-                      *(f"{share('clean', c)} -> **{share('uap', c)}** ({share('random', c)})" for c in classes)])
+        share = lambda kind, c, m=r["metrics"]: fmt(m.get(f"test_{kind}_share_{c}"))  # noqa: E731
+        cells.append([r["data"], r["model"], r["attack"], r["norm"], fmt(r["zeta"], "zeta"), *r.get("group", ()),
+                      *(f"{share('clean', c)} -> **{share('uap', c)}** ({share('random', c)})" for c in classes),
+                      short_id(r["run_id"])])
     return md_table(head, cells)
 
 
 def headline(rows: list[dict], zeta: float) -> list[dict]:
-    """Per (model, attack, target, norm): the row at the zeta closest to the headline zeta."""
+    """Per (data, model, attack, target, norm, config columns): the row at the zeta closest to the headline zeta."""
     best: dict = {}
     for r in rows:
-        k = (r["model"], r["attack"], r["target"], r["norm"])
+        k = (*table_row(r), r.get("group", ()))
         if k not in best or abs(r["zeta"] - zeta) < abs(best[k]["zeta"] - zeta):
             best[k] = r
     return sorted(best.values(), key=sort_key)

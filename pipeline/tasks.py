@@ -14,14 +14,20 @@ Inside a sweep a job runs under its claim (pipeline.sweep.claim): a job already 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
+from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import sweep, tracking
+from pipeline.config import validate
 from pipeline.defense import run_defense
-from pipeline.errors import ConfigError
-from pipeline.experiment import evaluate_uap, open_job, run_name
+from pipeline.errors import ConfigError, UserError
+from pipeline.experiment import evaluate_uap, open_job
 from pipeline.minzeta import search
 from pipeline.transferability import run_transfer
 
@@ -36,32 +42,53 @@ def task(fn: Callable[[DictConfig, str | None], dict]) -> Callable:
     return fn
 
 
+def task_function(cfg: DictConfig) -> Callable[[DictConfig, str | None], dict]:
+    fn = TASKS.get(cfg.get("task"))
+    if fn is None:
+        raise ConfigError(f"task={cfg.get('task')!r}: expected one of {sorted(TASKS)}")
+    return fn
+
+
+class CheckConfig(Callback):
+    """Hydra callback (conf/hydra/default.yaml): a single run's task and config are checked before Hydra
+    creates its output folder, so a typo (`zeta=abc`) prints one line and exits 2, leaving no folder and no
+    MLflow run. (In a sweep each job is checked as it starts, pipeline.experiment.open_job.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            task_function(config)
+            validate(config)
+        except (UserError, OmegaConfBaseException) as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr)  # before Hydra's job logging is set up
+            sys.exit(2)
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the configured task and return its metrics. Inside a sweep (a parent run is open) a job whose
     identical config already has a FINISHED run is skipped (`resume: true`), and a job another process is
     running is waited for (`sweep.claim`), not done twice."""
-    fn = TASKS.get(cfg.get("task"))
-    if fn is None:
-        raise ConfigError(f"task={cfg.get('task')!r}: expected one of {sorted(TASKS)}")
+    fn = task_function(cfg)
     parent_run_id = sweep.parent_run_id()
     if not parent_run_id:
         return fn(cfg, None)
     with sweep.claim(cfg, tracking.setup(cfg.tracking)) as done:
         if done:
             log.info("skipped: this job's config already has a FINISHED run (%s)", done)
-            return dict(tracking.mlflow.get_run(done).data.metrics)
+            return tracking.flat_metrics(tracking.mlflow.get_run(done).data.metrics)
         return fn(cfg, parent_run_id)
 
 
 @task
 def train(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
-    with open_job(cfg, run_name(cfg, "train"), parent_run_id) as job:
+    with open_job(cfg, "train", parent_run_id) as job:
         return job.metrics
 
 
 @task
 def attack(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
-    with open_job(cfg, run_name(cfg, "attack"), parent_run_id) as job:
+    with open_job(cfg, "attack", parent_run_id) as job:
         job.metrics.update(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
         return job.metrics
 
@@ -70,14 +97,14 @@ def attack(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
 def evaluate(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
     if not cfg.attack.get("uap_file"):
         raise ConfigError("task=evaluate: attack.uap_file is not set (expected the .npy of a saved UAP)")
-    with open_job(cfg, run_name(cfg, "evaluate"), parent_run_id) as job:
+    with open_job(cfg, "evaluate", parent_run_id) as job:
         job.metrics.update(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
         return job.metrics
 
 
 @task
 def defense(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
-    with open_job(cfg, run_name(cfg, "defense"), parent_run_id) as job:
+    with open_job(cfg, "defense", parent_run_id) as job:
         job.metrics.update(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
         job.metrics.update(run_defense(cfg, job.dm, job.model, job.out, job.device))
         return job.metrics
@@ -85,7 +112,7 @@ def defense(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
 
 @task
 def min_zeta(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
-    with open_job(cfg, run_name(cfg, "min_zeta"), parent_run_id) as job:
+    with open_job(cfg, "min_zeta", parent_run_id) as job:
         job.metrics.update(search(cfg, job.dm, job.model.net, job.out, job.device, job.run_id))
         return job.metrics
 

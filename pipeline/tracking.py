@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -61,8 +63,36 @@ def store_lock(uri: str) -> contextlib.AbstractContextManager:
     return FileLock(str(db) + ".lock")
 
 
+# The MLflow UI: an experiment of kind "custom model development" opens on its runs table, not on MLflow 3's
+# GenAI overview (MLflow 3.17's UI reads the kind from `?workflowType=machine_learning` instead, so `ui_url`
+# adds that too). VIEW_KEY names a saved view of the runs table (the experiment tag
+# `mlflow.sharedViewState.<key>`, opened by `?viewStateShareKey=<key>`) with the columns people compare.
+VIEW_KEY = "uap-cxr"
+DEFAULT_COLUMNS = ["metrics.`test/fr`", "metrics.`test/fr_random`", "metrics.`test/tsr`", "metrics.`test/tsr_random`",
+                   "metrics.`test/acc_clean`", "metrics.`classifier/test_acc`", "params.`attack.zeta`",
+                   "params.`attack.norm`", "params.`attack.target`", "params.`model.name`", "params.`attack.name`",
+                   "attributes.`Duration`"]
+
+
+def experiment_tags() -> dict[str, str]:
+    view = {"selectedColumns": DEFAULT_COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": False,
+            "runsHiddenMode": "SHOW_ALL"}
+    return {"mlflow.experimentKind": "custom_model_development",
+            f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view),
+            "mlflow.note.content": "UAPs against chest X-ray classifiers (uap-cxr). Columns: test FR / TSR of the "
+                                   f"UAP and its random control, clean accuracy, zeta, norm, target: open "
+                                   f"`#/experiments/<id>/runs?viewStateShareKey={VIEW_KEY}`."}
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
+    """The UI page of the experiment's runs table with the default columns, or of one run."""
+    page = f"runs/{run_id}" if run_id else f"runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/{page}"
+
+
 def setup(tracking: DictConfig) -> str:
-    """Point MLflow at the store and return the experiment id (created with our artifact root).
+    """Point MLflow at the store and return the experiment id (created with our artifact root and tagged with
+    `experiment_tags`, an existing one tagged where its tags are missing).
 
     The store's first use (creating or migrating its tables) and the experiment's creation happen under
     `store_lock`, so jobs started at the same moment in a fresh folder neither race nor fail."""
@@ -70,13 +100,18 @@ def setup(tracking: DictConfig) -> str:
     mlflow.set_tracking_uri(tracking.uri)
     with store_lock(tracking.uri):
         exp = mlflow.get_experiment_by_name(tracking.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        location = Path(tracking.artifact_root).resolve().as_uri() if tracking.get("artifact_root") else None
-        try:
-            return mlflow.create_experiment(tracking.experiment, artifact_location=location)
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a job on another machine
-            return mlflow.get_experiment_by_name(tracking.experiment).experiment_id
+        if exp is None:
+            location = Path(tracking.artifact_root).resolve().as_uri() if tracking.get("artifact_root") else None
+            try:
+                mlflow.create_experiment(tracking.experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException:  # created meanwhile by a job on another machine
+                pass
+            exp = mlflow.get_experiment_by_name(tracking.experiment)
+        client = mlflow.MlflowClient()
+        for k, v in experiment_tags().items():
+            if exp.tags.get(k) != v and not (k == "mlflow.note.content" and k in exp.tags):  # keep a user's note
+                client.set_experiment_tag(exp.experiment_id, k, v)
+        return exp.experiment_id
 
 
 def config_params(cfg: DictConfig) -> dict[str, str]:
@@ -97,7 +132,8 @@ def start_run(cfg: DictConfig, run_name: str | None = None, tags: dict | None = 
     all_tags = {"git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags, nested=parent_run_id is not None)
+    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags, nested=parent_run_id is not None,
+                           log_system_metrics=bool(cfg.tracking.get("system_metrics", False)))
     try:
         mlflow.log_params(config_params(cfg))
         yield run
@@ -113,9 +149,89 @@ def start_run(cfg: DictConfig, run_name: str | None = None, tags: dict | None = 
         mlflow.end_run("FINISHED")
 
 
+def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
+    """Link this run to its classifier. A trained classifier is logged as an MLflow model (its weights and
+    architecture, loadable with `mlflow.pytorch.load_model`) and registered as `uap-cxr-<model name>`, one
+    version per trained classifier; a cached one is logged once per store (the first run that uses it there).
+    The run is tagged with the model's URI, its registered version and the id of the run that logged it; the
+    link is kept in the cache entry (`mlflow.json`, by store)."""
+    uri = mlflow.get_tracking_uri()
+    run_id = mlflow.active_run().info.run_id
+    with FileLock(str(cache_entry / ".mlflow.lock")):
+        path = cache_entry / "mlflow.json"
+        links = json.loads(path.read_text()) if path.is_file() else {}
+        info = links.get(uri)
+        if info is None or trained:
+            import timm
+            import torch
+            from mlflow import pytorch as mlflow_pytorch
+            name = f"uap-cxr-{model.name}"
+            quiet = logging.getLogger("mlflow.pytorch")  # its warning on pickle: chosen here (timm's own classes)
+            level, _ = quiet.level, quiet.setLevel(logging.ERROR)
+            try:
+                logged = mlflow_pytorch.log_model(
+                    model.net, name="classifier", registered_model_name=name, serialization_format="pickle",
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"])
+            finally:
+                quiet.setLevel(level)
+            info = {"run_id": run_id, "model_uri": logged.model_uri, "model_id": logged.model_id,
+                    "registered": f"models:/{name}/{logged.registered_model_version}"}
+            links[uri] = info
+            path.write_text(json.dumps(links, indent=1))
+    mlflow.set_tags({"classifier_run_id": info["run_id"], "classifier_model": info["model_uri"],
+                     "classifier_registered": info["registered"]})
+    return info
+
+
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path)
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+# MLflow groups metrics by the part of the name before "/" (one section of charts each). The code and
+# metrics.json use flat names (`test_fr`); MLflow gets grouped ones (`test/fr`); `flat_metrics` reads both
+# back as flat names, so stores written before the grouping still report.
+UAP_KEYS = {"eps": "eps", "zeta": "zeta", "uap_norm": "norm", "random_norm": "random_norm",
+            "uap_seconds": "seconds", "uap_passes": "passes", "input_fr": "input_fr", "input_tsr": "input_tsr",
+            "uap_fr_input": "fr_input"}
+CLASSIFIER = re.compile(r"(val|test)_(acc|sens_.+|ppv_.+)")  # the classifier's own (the attack's: test_clean_sens_..)
+
+
+def mlflow_key(flat: str) -> str:
+    """`test_fr` -> `test/fr`, `test_acc` -> `classifier/test_acc`, `uap_seconds` -> `uap/seconds`,
+    `defense_acc_clean` -> `defense/acc_clean`; a name already grouped is kept."""
+    if "/" in flat:
+        return flat
+    if flat in UAP_KEYS:
+        return f"uap/{UAP_KEYS[flat]}"
+    if CLASSIFIER.fullmatch(flat):
+        return f"classifier/{flat}"
+    group, _, rest = flat.partition("_")
+    if group in ("train", "test", "defense", "probe") and rest:
+        return f"{group}/{rest}"
+    if flat.startswith("min_zeta"):
+        return f"min_zeta/{flat[len('min_zeta_'):] or 'zeta'}"
+    return flat
+
+
+def flat_key(name: str) -> str:
+    """The inverse of `mlflow_key` (a flat name is kept)."""
+    group, sep, rest = name.partition("/")
+    if not sep:
+        return name
+    if group == "uap":
+        return {v: k for k, v in UAP_KEYS.items()}.get(rest, f"uap_{rest}")
+    if group == "classifier":
+        return rest
+    if group == "min_zeta":
+        return "min_zeta" if rest == "zeta" else f"min_zeta_{rest}"
+    return f"{group}_{rest}" if group in ("train", "test", "defense", "probe") else name  # fit/...: Lightning's
+
+
+def flat_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A run's metrics (`run.data.metrics`) under the flat names the code uses, from old or new stores."""
+    return {flat_key(k): v for k, v in metrics.items()}
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, model_id: str | None = None) -> None:
+    """Metrics under MLflow's grouped names; with `model_id` also shown on that logged model's page."""
+    mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()}, step=step, model_id=model_id)

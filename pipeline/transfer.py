@@ -2,5 +2,10 @@
 the same job as `python -m pipeline task=transfer`, composed from conf/transfer.yaml."""
 from pipeline.__main__ import cli
 
-if __name__ == "__main__":
+
+def main() -> None:
     cli("transfer")
+
+
+if __name__ == "__main__":
+    main()

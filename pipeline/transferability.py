@@ -47,7 +47,7 @@ def run_transfer(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     with tracking.start_run(cfg, run_name=f"transfer-{'-'.join(names)}", tags={"task": "transfer"}):
         device = device_for(cfg)
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = instantiate(cfg.data)
         dm.setup()
         nets, cfgs = {}, {}

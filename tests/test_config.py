@@ -68,11 +68,13 @@ def test_cli_help_and_cfg_job(tmp_path):
     assert cfg.model.arch == "resnet18" and cfg.attack.zeta == 4.0
 
 
-def test_cli_bad_config_exits_with_a_clear_message_and_no_traceback(tmp_path):
-    proc = run_cli(["attack.zeta=0", "trainer=fast"], tmp_path, check=False)
+@pytest.mark.parametrize("override", ["zeta=abc", "attack.zeta=0"])
+def test_cli_bad_config_is_one_line_exit_2_and_leaves_no_folder_or_run(tmp_path, override):
+    proc = run_cli([override, "trainer=fast"], tmp_path, check=False)
     assert proc.returncode == 2
-    text = proc.stdout + proc.stderr
-    assert "attack.zeta=0" in text and "(0, 100]" in text and "Traceback" not in text
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and "attack.zeta=" in lines[0] and "(0, 100]" in lines[0], lines
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):

@@ -1,8 +1,10 @@
 """End to end on the phantom default: `python -m pipeline` trains, attacks, logs everything to MLflow."""
 import json
 
+import mlflow
 import numpy as np
 import pytest
+import torch
 from conftest import FAST, mlflow_runs, run_cli
 from PIL import Image
 
@@ -40,7 +42,34 @@ def test_run_logs_params_metrics_artifacts_and_tags(two_runs):
     assert run["tags.choice.model"] == "tiny" and run["tags.git_commit"]
     assert ARTIFACTS <= artifacts(run["run_id"])
     # the console summary
-    assert "result: test_resnet" in first.stderr + first.stdout and "FR random" in first.stderr + first.stdout
+    assert "result: tiny" in first.stderr + first.stdout and "FR random" in first.stderr + first.stdout
+    # MLflow holds the grouped names (charts in sections), the flat ones are what mlflow_runs reads back
+    assert {"test/fr", "train/fr_random", "classifier/test_acc", "uap/eps", "fit/val_acc"} <= set(
+        mlflow.get_run(run["run_id"]).data.metrics)
+    assert run["tags.mlflow.runName"] == "linf z4 · tiny · fgsm_uap · trainer=fast trainer.max_epochs=20"
+
+
+def test_the_console_shows_labelled_progress_and_no_library_noise(two_runs):
+    _, first, _ = two_runs
+    text = first.stdout + first.stderr
+    assert "classifier epoch 1/20: train loss" in text and "UAP pass 1/15, FR " in text  # not a TTY: lines
+    for noise in ("GPU available", "Seed set", "litlogger", "LeafSpec", "configure_optimizers", "in eval mode",
+                  "`max_epochs=", "Epoch 0", "it/s]", "Pickle"):
+        assert noise not in text, noise
+
+
+def test_the_classifier_is_an_mlflow_model_that_runs_link_to(two_runs):
+    from mlflow import pytorch as mlflow_pytorch
+    root, _, _ = two_runs
+    first, second = (r for _, r in mlflow_runs(root).sort_values("start_time").iterrows())
+    assert second["tags.classifier_run_id"] == first["run_id"]  # the cached one links to the run that trained it
+    assert first["tags.classifier_model"] == second["tags.classifier_model"]
+    assert first["tags.classifier_registered"] == "models:/uap-cxr-tiny/1"
+    net = mlflow_pytorch.load_model(first["tags.classifier_registered"])
+    cached = torch.load(first["tags.classifier_path"], weights_only=True)["state_dict"]
+    assert all(torch.equal(v, cached[f"net.{k}"]) for k, v in net.state_dict().items())
+    model = mlflow.get_logged_model(first["tags.classifier_model"].split("/")[-1])
+    assert {m.run_id for m in model.metrics if m.key == "test/fr"} == {first["run_id"], second["run_id"]}
 
 
 def test_the_run_folder_holds_readable_outputs(two_runs):

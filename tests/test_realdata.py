@@ -45,5 +45,5 @@ def test_real_run_is_logged_and_second_run_hits_the_cache(cxr3_runs):
         assert 0 <= first[f"metrics.{m}"] <= 1, m
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(first["run_id"])}
     assert {"confusion_classifier.png", "uap.npy", "uap.png", "examples.png", "hydra"} <= names
-    history = mlflow.MlflowClient().get_metric_history(first["run_id"], "train_loss_epoch")
+    history = mlflow.MlflowClient().get_metric_history(first["run_id"], "fit/train_loss_epoch")
     assert len(history) >= 10  # Lightning's training curve went to the same run

@@ -55,6 +55,18 @@ def test_parent_run_gets_the_sweep_config_and_a_summary(smoke):
     assert parent["params.sweeper.norm"] == "linf,l2"
 
 
+def test_the_ui_gets_distinct_child_names_and_the_parent_the_headline_numbers(smoke):
+    _, runs, _, _ = smoke
+    kids, parent = children(runs), runs[runs["tags.role"] == "parent"].iloc[0]
+    names = [f"{n} z{z} · tiny · fgsm_uap" for n in ("l2", "linf") for z in (2, 4)]
+    assert sorted(kids["tags.mlflow.runName"]) == names
+    assert all("seed=42" in n and "task=attack" in n for n in kids["tags.long_name"])
+    for _, k in kids.iterrows():
+        name = f"tiny/{k['params.attack.norm']} z{float(k['params.attack.zeta']):g} FR"
+        assert parent[f"metrics.{name}"] == pytest.approx(k["metrics.test_fr"])
+        assert parent[f"metrics.{name} random"] == pytest.approx(k["metrics.test_fr_random"])
+
+
 def test_a_failing_job_is_failed_the_others_finish_and_the_sweep_exits_1(smoke):
     root, before, _, _ = smoke
     proc = run_cli(["+sweep=smoke", "norm=linf", "zeta=3,250", "-m"], root, check=False)
@@ -101,8 +113,15 @@ def test_report_tables_equal_the_logged_metrics(smoke, tmp_path):
         rnd = cells(next(line for line in table if "| random |" in line))[col]
         assert uap == f"{run['metrics.train_fr']:.3f} / {run['metrics.test_fr']:.3f}"
         assert rnd == f"{run['metrics.train_fr_random']:.3f} / {run['metrics.test_fr_random']:.3f}"
-    acc = f"{kids.iloc[0]['metrics.test_acc']:.3f}"
-    assert f"| phantom | test_resnet | {kids.iloc[0]['metrics.val_acc']:.3f} | {acc} |" in md
+    table = [line for line in md.split("### Classifiers")[1].split("###")[0].splitlines() if line.startswith("|")]
+    assert len(table) == 3  # one classifier for the whole sweep, named by model.name (not the timm arch)
+    row = dict(zip(cells(table[0]), cells(table[2])))
+    assert row["model"] == "tiny" and row["classifier"] == kids.iloc[0]["tags.config_hash"][:8]
+    assert (row["val acc"], row["test acc"]) == (f"{kids.iloc[0]['metrics.val_acc']:.3f}",
+                                                 f"{kids.iloc[0]['metrics.test_acc']:.3f}")
+    assert len(row["runs"].split(", ")) == 4  # the sweep's 4 runs use it
+    assert "seed" not in cells(every.strip().splitlines()[0])  # one config: no config columns
+    assert [c for c in cells(every.strip().splitlines()[0]) if "." in c] == []
     shares = md.split("Where non-targeted UAPs send")[1].split("###")[0]
     assert shares.count("| phantom |") == 2 and "->" in shares  # one row per norm at the headline zeta
 

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 from conftest import FAST, mlflow_runs, run_cli
 
+from pipeline.tracking import mlflow_key
+
 ATTACK = ["attack=sgd_uap", "attack.max_iter=3", "zeta=4"]
 
 
 def history(run_id, key):
-    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+    """A metric's values by step, `key` a flat name (`defense_fr_fresh`, in MLflow `defense/fr_fresh`)."""
+    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, mlflow_key(key))}
 
 
 def test_defense_lowers_the_fresh_uap_fooling_rate_and_keeps_accuracy(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pipeline import progress
 from pipeline.attack.initializer import Zeros
 from pipeline.attack.norms import check_norm, lp_norms, project, random_uap, zeta_to_eps
 from pipeline.errors import ConfigError, instantiate
@@ -163,6 +165,8 @@ class UAP(pl.LightningModule):
                   enable_model_summary=False, num_sanity_val_steps=0)
         kw.update(trainer_kwargs or {})
         kw.update(max_epochs=self.stopper.max_passes, limit_val_batches=0)
+        # a bar labelled "UAP pass 3/15" on a terminal; else one log line per pass (on_train_epoch_end)
+        kw.update(progress.trainer_progress(kw.pop("enable_progress_bar", True), self.pass_label))
         for self.start in range(self.restarts + 1):
             if self.start > 0:
                 if self.best is not None and self.best["fr"] >= 1 - self.stopper.delta:
@@ -172,15 +176,22 @@ class UAP(pl.LightningModule):
                                  else random_uap(self.v.shape, self.eps, self.norm, init_gen))
             self.current_objective = self.objective_of(self.start)
             loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=shuffle_gen)
-            pl.seed_everything(seed + self.start, workers=True)
+            pl.seed_everything(seed + self.start, workers=True, verbose=False)
             self.trainer_ = pl.Trainer(**kw)
-            self.trainer_.fit(self, train_dataloaders=loader)
+            with warnings.catch_warnings():  # by design: no Lightning optimiser (the step rule moves v itself)
+                warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None.")
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen classifier
+                self.trainer_.fit(self, train_dataloaders=loader)
         if self.keep == "best" and self.best is not None:
             with torch.no_grad():
                 self.v.copy_(self.best["v"])
             log.info("%s: returning the best UAP seen (%s, input-set %s %.3f)", self.name, self.best["from"],
                      "TSR" if self.targeted else "FR", self.best["fr"])
         return self.uap()
+
+    def pass_label(self, trainer: pl.Trainer) -> str:
+        start = f"start {self.start + 1}/{self.restarts + 1}, " if self.restarts else ""
+        return f"UAP {start}pass {trainer.current_epoch + 1}/{trainer.max_epochs}"
 
     def objective_of(self, start: int):
         if start == 0 or not self.restart_objectives:
@@ -323,6 +334,8 @@ class UAP(pl.LightningModule):
                              "fr_exact": fr_exact})
         self.log("fr", fr, prog_bar=True)
         self.log("uap_norm", lp_norms(self.v.detach()[None], self.norm).item(), prog_bar=True)
+        if self.trainer.progress_bar_callback is None:
+            log.info("%s, %s %.3f", self.pass_label(self.trainer), "TSR" if self.targeted else "FR", fr)
         reason = self.stopper.reason(self.start_frs)
         if reason:
             log.info("%s: start %d stops after %d passes (%s)", self.name, self.start, len(self.start_frs), reason)
