@@ -173,7 +173,8 @@ def run_art(net, x, eps, args, target, n_classes, device) -> tuple[Row, torch.Te
     np.random.seed(args.seed)
     if target is None:
         atk = UniversalPerturbation(clf, attacker="fgsm", attacker_params=params, delta=args.delta,
-                                    max_iter=args.max_iter, eps=eps, norm=np.inf, batch_size=args.batch_size, verbose=False)
+                                    max_iter=args.max_iter, eps=eps, norm=np.inf, batch_size=args.batch_size,
+                                    verbose=False)
         y = np.eye(n_classes, dtype=np.float32)[clean]  # the clean predictions, as ART computes them for y=None
     else:
         atk = TargetedUniversalPerturbation(clf, attacker="fgsm", attacker_params={**params, "targeted": True},
@@ -320,8 +321,8 @@ def study(args) -> tuple[str, list[dict]]:
     head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
             f"{'TSR' if args.targeted else 'FR'} test", "returned"]
     from pipeline.tables import md_table
-    table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", str(r["passes"]), f"{r['fr_input']:.3f}",
-                             f"{r['fr_test']:.3f}", r["from"]] for r in rows])
+    table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", str(r["passes"]),
+                             f"{r['fr_input']:.3f}", f"{r['fr_test']:.3f}", r["from"]] for r in rows])
     return table, rows
 
 
@@ -383,7 +384,8 @@ def fmt_table(rows: list[Row], floor: float, n: int) -> str:
         lines.append(f"| {r.name} | {r.seconds:.1f} | {r.passes} | {n * max(r.passes, 1) / r.seconds:.0f} | "
                      f"{per_pass / floor:.2f} | {r.fr_input:.3f} | {r.fr_test:.3f} | {r.norm_ratio:.4f} | "
                      f"{r.rss_mb:.0f} | {reach} |")
-    lines.append(f"| floor (1 batched fwd+bwd pass) x passes | {floor:.2f} per pass | | {n / floor:.0f} | 1.00 | | | | | |")
+    lines.append(f"| floor (1 batched fwd+bwd pass) x passes | {floor:.2f} per pass | | {n / floor:.0f} | 1.00 "
+                 "| | | | | |")
     return "\n".join(lines)
 
 
@@ -411,7 +413,7 @@ def machine(device) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     desc = f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
@@ -444,9 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--norm", default="linf", choices=["linf", "l2"], help="--study: the norm")
     ap.add_argument("--targeted", action="store_true", help="--study: targeted to --target")
     ap.add_argument("--rows", default=None,
-                    help="--study: only these rows (e.g. 14-17; none: measure nothing), the others read from their record under "
-                         "outputs/bench/ (rows measured earlier are kept; default: every row, measured afresh)")
-    ap.add_argument("--seed", type=int, default=42, help="seed (42: the pipeline's default, so the cached classifier is reused)")
+                    help="--study: only these rows (e.g. 14-17; none: measure nothing), the others read from their "
+                         "record under outputs/bench/ (rows measured earlier are kept; default: every row, measured "
+                         "afresh)")
+    ap.add_argument("--seed", type=int, default=42,
+                    help="seed (42: the pipeline's default, so the cached classifier is reused)")
     ap.add_argument("--out", default=None, help="markdown file for the tables (default docs/benchmarks.md; "
                                                 "--quick: none)")
     args = ap.parse_args(argv)

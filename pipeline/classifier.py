@@ -3,7 +3,8 @@
 Trained classifiers are cached under `paths.cache_dir/classifiers/<hash>/` where the hash covers the
 config parts that define them (data, model, optim, trainer, seed) and a fingerprint of the data actually
 read (label files' content, image files' sizes and mtimes): a sweep over attack x norm x zeta trains each
-model once, and edited data is never served a classifier trained on the old. A file lock makes concurrent jobs wait for the one that trains.
+model once, and edited data is never served a classifier trained on the old. A file lock makes concurrent jobs
+wait for the one that trains.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def build_net(arch: str, num_classes: int, pretrained: bool = False, pretrained_
     if pretrained_path:
         path = Path(pretrained_path).expanduser()
         if not path.is_file():
-            raise UserError(f"model.pretrained_path={pretrained_path}: file not found (expected local weights for {arch})")
+            raise UserError(f"model.pretrained_path={pretrained_path}: file not found "
+                            f"(expected local weights for {arch})")
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach out: weights must already be cached
     try:
@@ -200,7 +202,8 @@ def load_checkpoint(model: Classifier, path: Path) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         meta = blob["meta"]
         if meta.get("arch") != model.arch or list(meta.get("classes", [])) != model.classes:
-            raise ValueError(f"checkpoint is for {meta.get('arch')} / {meta.get('classes')}, not {model.arch} / {model.classes}")
+            raise ValueError(f"checkpoint is for {meta.get('arch')} / {meta.get('classes')}, "
+                             f"not {model.arch} / {model.classes}")
         model.load_state_dict(blob["state_dict"])
     except Exception as e:  # noqa: BLE001 - corrupt file, wrong keys or shapes: all mean "do not use"
         raise ValueError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from None

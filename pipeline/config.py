@@ -64,7 +64,8 @@ def check_min_zeta(m: DictConfig) -> None:
     if not 0 < float(m.low) < float(m.high) <= 100:
         raise ConfigError(f"min_zeta.low={m.low}, min_zeta.high={m.high}: expected 0 < low < high <= 100")
     if float(m.tol) <= 0 or int(m.max_probes) < 2:
-        raise ConfigError(f"min_zeta.tol={m.tol}, min_zeta.max_probes={m.max_probes}: expected tol > 0, max_probes >= 2")
+        raise ConfigError(f"min_zeta.tol={m.tol}, min_zeta.max_probes={m.max_probes}: "
+                          "expected tol > 0, max_probes >= 2")
 
 
 def stable_hash(obj: Any, drop: Collection[str] = ()) -> str:

@@ -163,7 +163,8 @@ class CXRDataModule(pl.LightningDataModule):
             raise ConfigError(f"unknown split {split!r}: expected one of {list(self.sets)}")
         return self.sets[split]
 
-    def loader(self, split: str, batch_size: int | None = None, shuffle: bool = False, seed: int | None = None) -> DataLoader:
+    def loader(self, split: str, batch_size: int | None = None, shuffle: bool = False,
+               seed: int | None = None) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed) if shuffle else None
         return DataLoader(self.dataset(split), batch_size=batch_size or self.batch_size, shuffle=shuffle,
                           generator=gen, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
@@ -313,7 +314,8 @@ class CovidxDataModule(CXRDataModule):
         for r in records:
             path = (folder / r.filename).resolve()
             if root not in path.parents:
-                raise DataError(f"{self.root / self.files[split][0]}:{r.line}: {r.filename!r} escapes the image folder {folder}")
+                raise DataError(f"{self.root / self.files[split][0]}:{r.line}: {r.filename!r} "
+                                f"escapes the image folder {folder}")
             paths.append(path)
         return paths
 
@@ -328,8 +330,9 @@ class CovidxDataModule(CXRDataModule):
         """Refuse a data set whose images (uint8 store plus the attack's float copy) would not fit in memory."""
         need, avail = n_images * self.image_size ** 2 * BYTES_PER_PIXEL, psutil.virtual_memory().available
         if need > avail:
-            raise ConfigError(f"data.image_size={self.image_size}: {n_images} images need about {need / 2 ** 30:.1f} GiB "
-                              f"of memory, only {avail / 2 ** 30:.1f} GiB is available: lower data.image_size")
+            raise ConfigError(f"data.image_size={self.image_size}: {n_images} images need about "
+                              f"{need / 2 ** 30:.1f} GiB of memory, only {avail / 2 ** 30:.1f} GiB is available: "
+                              "lower data.image_size")
 
     def load_splits(self):
         self.check_root()
@@ -379,7 +382,8 @@ class PhantomDataModule(CXRDataModule):
     def __init__(self, n_train: int = 600, n_test: int = 300, noise: float = 0.04, finding_strength: float = 0.7, **kw):
         super().__init__(**kw)
         if len(self.classes) != 3:
-            raise ConfigError(f"data.classes={self.classes}: the phantom has exactly 3 classes (normal, pneumonia, COVID-19)")
+            raise ConfigError(f"data.classes={self.classes}: the phantom has exactly 3 classes "
+                              "(normal, pneumonia, COVID-19)")
         for key, val in (("n_train", n_train), ("n_test", n_test)):
             if int(val) < 3 * 2:
                 raise ConfigError(f"data.{key}={val}: expected an integer >= 6 (at least 2 images per class)")

@@ -77,5 +77,7 @@ def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path
     save_checkpoint(model, path, {"arch": model.arch, "classes": model.classes, "defense_rounds": int(d.rounds)})
     tracking.log_artifact(path)
     tracking.log_artifact(plots.plot_defense(history, key, out / "defense.png"))
-    return {"defense_acc_clean_before": before["defense_acc_clean"], f"defense_{key}_fresh_before": before[f"defense_{key}_fresh"],
-            "defense_acc_clean_after": after["defense_acc_clean"], f"defense_{key}_fresh_after": after[f"defense_{key}_fresh"]}
+    return {"defense_acc_clean_before": before["defense_acc_clean"],
+            f"defense_{key}_fresh_before": before[f"defense_{key}_fresh"],
+            "defense_acc_clean_after": after["defense_acc_clean"],
+            f"defense_{key}_fresh_after": after[f"defense_{key}_fresh"]}

@@ -17,7 +17,8 @@ def eval_batch(device: torch.device | str) -> int:
 
 
 @torch.no_grad()
-def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tensor | None], batch_size: int | None = None,
+def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tensor | None],
+            batch_size: int | None = None,
             clip: bool = False, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Predicted classes of every image of `ds` under each perturbation (None = clean), one forward per batch.
 

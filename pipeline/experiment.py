@@ -238,7 +238,8 @@ def summary(cfg: DictConfig, m: dict, classes) -> str:
         lines.append(f"UAP {a.name} {kind}, {a.norm}, zeta={a.zeta}% (eps={m['eps']:.4g}, "
                      f"norm {m['uap_norm']:.4g}), {m['uap_passes']} passes in {m['uap_seconds']:.1f} s")
         key = "tsr" if targeted else "fr"
-        lines.append(f"{'split':<6} {'acc clean':>9} {'acc UAP':>8} {key.upper() + ' UAP':>8} {key.upper() + ' random':>11}")
+        lines.append(f"{'split':<6} {'acc clean':>9} {'acc UAP':>8} {key.upper() + ' UAP':>8} "
+                     f"{key.upper() + ' random':>11}")
         for s in ("train", "test"):
             lines.append(f"{s:<6} {m[f'{s}_acc_clean']:>9.3f} {m[f'{s}_acc_uap']:>8.3f} "
                          f"{m[f'{s}_{key}']:>8.3f} {m[f'{s}_{key}_random']:>11.3f}")

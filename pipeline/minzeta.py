@@ -74,6 +74,7 @@ def search(cfg: DictConfig, dm, net, out: Path, device, parent_run_id: str) -> d
         {"target_fr": target_fr, "tol": tol, "probes": [{"zeta": z, "fr": fr} for z, fr in sorted(probes.items())],
          **result}, indent=1))
     tracking.log_artifact(out / "min_zeta_probes.json")
-    log.info("min_zeta: smallest zeta reaching test FR %.2f: %s%% (largest probe below it that missed: %s%%; %d probes)",
+    log.info("min_zeta: smallest zeta reaching test FR %.2f: %s%% "
+             "(largest probe below it that missed: %s%%; %d probes)",
              target_fr, result["min_zeta"], result["min_zeta_below"], len(probes))
     return result

@@ -29,6 +29,11 @@ class LabelledBar(TQDMProgressBar):
         super().__init__()
         self.label = label
 
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.set_description(self.label(self.trainer))  # not "Training" before the first epoch starts
+        return bar
+
     def on_train_epoch_start(self, trainer, pl_module):
         super().on_train_epoch_start(trainer, pl_module)
         self.train_progress_bar.set_description(self.label(trainer))

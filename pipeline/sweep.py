@@ -183,7 +183,8 @@ def failure_block(name: str, outcomes: list[dict]) -> str | None:
     if not bad:
         return None
     lines = [f"sweep {name!r}: {len(bad)} of {len(outcomes)} jobs did not finish:"]
-    lines += [f"  #{o['num']} {o['overrides'] or '(no overrides)'}: {o['status']}: {o['error'].splitlines()[0] if o['error'] else ''}"
+    lines += [f"  #{o['num']} {o['overrides'] or '(no overrides)'}: {o['status']}: "
+              f"{o['error'].splitlines()[0] if o['error'] else ''}"
               for o in bad]
     lines.append("fix the cause and rerun the same command: finished jobs are skipped")
     return "\n".join(lines)

@@ -148,7 +148,8 @@ def uap_key(cfg: DictConfig, atk: UAP, net, inputs: GrayDataset, device) -> str:
 
 
 def read_entry(entry: Path, atk: UAP) -> tuple[torch.Tensor, float] | None:
-    """The cached UAP (loaded into the attack, with its history) and its search's seconds; None if absent or unusable."""
+    """The cached UAP (loaded into the attack, with its history) and its search's seconds; None if absent or
+    unusable."""
     npy, meta_file = entry / "uap.npy", entry / "meta.json"
     if not (npy.is_file() and meta_file.is_file()):
         return None

@@ -118,7 +118,8 @@ def test_objectives_by_hand():
     ce_clean = lse - logits[:, 0]
     assert torch.allclose(CrossEntropy("clean")(logits, clean, pred, None), -ce_clean)
     assert torch.allclose(CrossEntropy("clean", clamp=5.0)(logits, clean, pred, None), -ce_clean.clamp(max=5))
-    assert torch.allclose(CrossEntropy("current")(logits, clean, pred, None), -(lse - torch.tensor([3.0, 9.0])), atol=1e-5)
+    assert torch.allclose(CrossEntropy("current")(logits, clean, pred, None), -(lse - torch.tensor([3.0, 9.0])),
+                          atol=1e-5)
     assert torch.allclose(CrossEntropy("clean")(logits, clean, pred, 2), lse - 0.0)  # targeted: CE of the target
     p0 = torch.softmax(logits, 1)[:, 0]
     assert torch.allclose(LeaveClass()(logits, clean, pred, None), -torch.log1p(-p0), atol=1e-5)
@@ -161,8 +162,9 @@ def fit(atk, dm, seed=0, **kw):
 
 def test_fr(model, dm, v):
     test = dm.dataset("test")
-    p = predict(model.net, test, {"clean": None, "uap": v, "random": random_uap(v.shape, lp_norms(v[None], "linf").item(), "linf",
-                                                                                  torch.Generator().manual_seed(9))})
+    p = predict(model.net, test, {"clean": None, "uap": v,
+                                  "random": random_uap(v.shape, lp_norms(v[None], "linf").item(), "linf",
+                                                       torch.Generator().manual_seed(9))})
     return p, fooling_rate(p["clean"], p["uap"]), fooling_rate(p["clean"], p["random"])
 
 
@@ -236,14 +238,16 @@ def test_restarts_run_from_other_points_and_keep_the_best(phantom_model):
 @pytest.mark.parametrize("attack", ["fgsm_uap", "fgsm_uap_faithful", "strong_uap"])
 def test_same_seed_same_uap_bitwise(phantom_model, attack):
     _, dm, model = phantom_model
-    runs = [fit(make_attack(model, dm, attack, "attack.max_iter=1", "attack.step=0.004"), dm, seed=s) for s in (3, 3, 4)]
+    runs = [fit(make_attack(model, dm, attack, "attack.max_iter=1", "attack.step=0.004"), dm, seed=s)
+            for s in (3, 3, 4)]
     assert torch.equal(runs[0], runs[1])
     assert runs[0].abs().sum() > 0 and not torch.equal(runs[0], runs[2])
 
 
 @pytest.mark.parametrize("override, key", [
     ("zeta=0", "attack.zeta"), ("zeta=101", "attack.zeta"), ("norm=linf attack.norm=l1", "attack.norm"),
-    ("attack.target=flu", "attack.target"), ("attack.max_iter=-1", "attack.max_iter"), ("attack.keep=worst", "attack.keep"),
+    ("attack.target=flu", "attack.target"), ("attack.max_iter=-1", "attack.max_iter"),
+    ("attack.keep=worst", "attack.keep"),
     ("attack.restarts=-1", "attack.restarts"), ("attack.step_rule.scales=[]", "attack.step_rule.scales"),
     ("attack.objective.label=nope", "attack.objective.label"), ("attack.batch_size=0", "attack.batch_size"),
     ("attack.step=0", "attack.step"),

@@ -55,7 +55,8 @@ def test_phantom_classes_differ_in_the_lungs_not_in_trivial_statistics():
 def write_set(root: Path, lines_train, lines_test, images=None, size=(40, 60), img_dir="images"):
     (root / img_dir).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    names = images if images is not None else {l.split()[1] for l in lines_train + lines_test if len(l.split()) > 1}
+    names = images if images is not None else {line.split()[1] for line in lines_train + lines_test
+                                               if len(line.split()) > 1}
     for name in names:
         Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(root / img_dir / name)
     (root / "train.txt").write_text("\n".join(lines_train) + "\n")
@@ -71,7 +72,8 @@ def good_lines(prefix, n_per_class=4, patients_per_class=2):
 
 
 def dm_for(root, **kw):
-    return CovidxDataModule(root=str(root), train_dir="images", test_dir="images", image_size=16, val_fraction=0.3, seed=0, **kw)
+    return CovidxDataModule(root=str(root), train_dir="images", test_dir="images", image_size=16, val_fraction=0.3,
+                            seed=0, **kw)
 
 
 def test_covidx_reader_parses_maps_classes_and_splits_by_patient(tmp_path):
@@ -146,7 +148,7 @@ def test_bad_input_gives_one_clear_error(tmp_path, case, expect):
         data = (root / "images" / "q_pneumonia_1.png").read_bytes()
         (root / "images" / "q_pneumonia_1.png").write_bytes(data[: len(data) // 2])
     elif case == "class_absent":
-        (root / "test.txt").write_text("\n".join(l for l in test if " pneumonia " not in l))
+        (root / "test.txt").write_text("\n".join(line for line in test if " pneumonia " not in line))
     with pytest.raises(DataError) as err:
         dm_for(root).setup()
     msg = str(err.value)

@@ -177,7 +177,8 @@ def test_edited_data_is_a_new_classifier_and_a_new_job(tmp_path):
     write_set(data, good_lines("tr"), good_lines("te"))
     cfg = make_cfg(["data=covidx", f"data.root={data}", "data.train_dir=images", "data.test_dir=images",
                     "data.image_size=32"], tmp_path)
-    assert classifier_key(cfg) != classifier_key(make_cfg(["data=covidx", f"data.root={tmp_path}", "data.image_size=32"]))
+    assert classifier_key(cfg) != classifier_key(make_cfg(["data=covidx", f"data.root={tmp_path}",
+                                                           "data.image_size=32"]))
     key, job = classifier_key(cfg), sweep.job_hash(cfg)
     assert (classifier_key(cfg), sweep.job_hash(cfg)) == (key, job)  # stable while nothing changes
     train = data / "train.txt"

@@ -13,4 +13,5 @@ from pipeline.attack.norms import (
     zeta_to_eps,
 )
 
-__all__ = ["UAP", "indexed", "new_attack", "NORMS", "check_norm", "lp_norms", "per_pixel", "project", "random_control", "random_uap", "zeta_to_eps"]
+__all__ = ["UAP", "indexed", "new_attack", "NORMS", "check_norm", "lp_norms", "per_pixel", "project", "random_control",
+           "random_uap", "zeta_to_eps"]

@@ -62,10 +62,12 @@ class FromFile:
 
     def __call__(self, shape, eps, norm, generator):
         v = load_uap_file(self.path, shape[-1], "attack.initializer.path")
-        return check_budget(v, eps, norm, self.project, f"attack.initializer.path={self.path}", "attack.initializer.project")
+        return check_budget(v, eps, norm, self.project, f"attack.initializer.path={self.path}",
+                            "attack.initializer.project")
 
 
-def check_budget(v: torch.Tensor, eps: float, norm: str, allow_project: bool, what: str, project_key: str) -> torch.Tensor:
+def check_budget(v: torch.Tensor, eps: float, norm: str, allow_project: bool, what: str,
+                 project_key: str) -> torch.Tensor:
     """v itself when inside the Lp ball of radius eps (float tolerance), projected when allowed, else an error
     naming `what` (the key and file) and the key that allows the projection."""
     n = lp_norms(v[None], norm).item()

@@ -64,7 +64,8 @@ class UAP(pl.LightningModule):
 
     def __init__(self, classifier: nn.Module, image_size: int, classes: Sequence[str], *, stopper,
                  initializer=None, objective=None, step_rule=None, acceptance=None, norm: str = "linf",
-                 zeta: float = 2.0, eps: float | None = None, target: str | None = None, clip: bool = False, batch_size: int = 32, per_image: bool = False,
+                 zeta: float = 2.0, eps: float | None = None, target: str | None = None, clip: bool = False,
+                 batch_size: int = 32, per_image: bool = False,
                  skip_fooled: bool = False, keep: str = "last", restarts: int = 0,
                  restart_objectives: Sequence | None = None, exact_fr: bool = False,
                  augment: dict | None = None, record_fr: bool = False, name: str | None = None):
@@ -157,7 +158,8 @@ class UAP(pl.LightningModule):
         self.t_start, self.unclocked = time.perf_counter(), 0.0
         init_gen, shuffle_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            self.v.copy_(project(self.initializer(self.v.shape, self.eps, self.norm, init_gen)[None], self.eps, self.norm)[0])
+            self.v.copy_(project(self.initializer(self.v.shape, self.eps, self.norm, init_gen)[None],
+                                 self.eps, self.norm)[0])
         if self.stopper.max_passes == 0:  # no search: the initializer's point (the random control)
             self.history = [{"start": 0, "pass": 0, "seconds": time.perf_counter() - self.t_start, "fr": float("nan")}]
             return self.uap()
@@ -167,7 +169,8 @@ class UAP(pl.LightningModule):
         kw.update(max_epochs=self.stopper.max_passes, limit_val_batches=0)
         # a bar labelled "UAP pass 3/15" on a terminal; else one log line per pass (on_train_epoch_end)
         kw.update(progress.trainer_progress(kw.pop("enable_progress_bar", True), self.pass_label))
-        for self.start in range(self.restarts + 1):
+        for start in range(self.restarts + 1):
+            self.start = start
             if self.start > 0:
                 if self.best is not None and self.best["fr"] >= 1 - self.stopper.delta:
                     break
@@ -180,7 +183,8 @@ class UAP(pl.LightningModule):
             self.trainer_ = pl.Trainer(**kw)
             with warnings.catch_warnings():  # by design: no Lightning optimiser (the step rule moves v itself)
                 warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None.")
-                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen classifier
+                # the frozen classifier
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
                 self.trainer_.fit(self, train_dataloaders=loader)
         if self.keep == "best" and self.best is not None:
             with torch.no_grad():
@@ -203,7 +207,8 @@ class UAP(pl.LightningModule):
         preds = torch.empty(len(self.dataset), dtype=torch.long, device=self.device)
         for x, _, idx in self.eval_loader:
             x = x.to(self.device)
-            preds[idx.to(self.device)] = self.classifier(x if v is None else self.perturb(x, v.to(self.device))).argmax(1)
+            preds[idx.to(self.device)] = self.classifier(
+                x if v is None else self.perturb(x, v.to(self.device))).argmax(1)
         return preds
 
     def exact_rate(self, v: torch.Tensor) -> float:

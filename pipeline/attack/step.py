@@ -98,5 +98,6 @@ class Optimizer:
         if self.make_scheduler is None:
             return opt
         names = inspect.signature(self.make_scheduler.func).parameters
-        kw = {k: self.total_steps for k in ("T_max", "total_steps") if k in names and k not in self.make_scheduler.keywords}
+        kw = {k: self.total_steps for k in ("T_max", "total_steps")
+              if k in names and k not in self.make_scheduler.keywords}
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make_scheduler(opt, **kw), "interval": "step"}}

@@ -17,7 +17,8 @@ class Stopper:
             raise ConfigError(f"attack.delta={delta}: expected a number in [0, 1)")
         if patience is not None and (not isinstance(patience, int) or patience < 1):
             raise ConfigError(f"attack.stopper.patience={patience}: expected null or an integer >= 1")
-        self.max_passes, self.delta, self.patience, self.min_delta = max_passes, float(delta), patience, float(min_delta)
+        self.max_passes, self.delta = max_passes, float(delta)
+        self.patience, self.min_delta = patience, float(min_delta)
 
     def reason(self, frs: list[float]) -> str | None:
         """Why to stop after these per-pass rates of the current start (None: go on)."""
