@@ -170,7 +170,7 @@ def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
             level, _ = quiet.level, quiet.setLevel(logging.ERROR)
             try:
                 logged = mlflow_pytorch.log_model(
-                    model.net, name="classifier", registered_model_name=name, serialization_format="pickle",
+                    model.net, name=f"classifier-{model.name}", registered_model_name=name, serialization_format="pickle",
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"])
             finally:
                 quiet.setLevel(level)

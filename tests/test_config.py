@@ -1,4 +1,8 @@
 """Configs: every option of every group composes and validates; bad values fail at start, naming the key."""
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import CONF, make_cfg, run_cli
@@ -58,6 +62,15 @@ def test_bad_values_fail_validation_naming_the_key(override, key, tmp_path):
     cfg = make_cfg([override], tmp_path)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_console_scripts_are_installed(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    for script in ("uap-cxr-report", "uap-cxr-bench", "uap-cxr-transfer"):
+        assert (bin_dir / script).is_file(), script
+    proc = subprocess.run([str(bin_dir / "uap-cxr"), "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "UAP_CXR_ROOT": str(tmp_path)})
+    assert proc.returncode == 0 and "python -m pipeline +sweep=norm_grid -m" in proc.stdout
 
 
 def test_cli_help_and_cfg_job(tmp_path):
