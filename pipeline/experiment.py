@@ -122,7 +122,8 @@ def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> It
 UAP_TASKS = ("attack", "evaluate", "defense")
 # overrides a run's name already says (or that change no result), left out of its tail
 NAMED = {"norm", "zeta", "attack.norm", "attack.zeta", "attack.target", "model", "attack", "task", "defense", "sweep",
-         "sweep_name", "tracking", "paths"}
+         "sweep_name"}
+UNNAMED = {"tracking", "paths", "hydra"}  # groups whose keys change no result (tracking.uri, hydra.launcher...)
 
 
 def job_overrides() -> list[str]:
@@ -142,8 +143,8 @@ def run_names(cfg: DictConfig, task: str) -> tuple[str, str]:
     head = {"attack": uap, "train": "train", "min_zeta": f"min_zeta {a.norm} FR {float(cfg.min_zeta.target_fr):g}"
             }.get(task, f"{task} {uap}")
     parts = [head, model, *([a.name] if task in UAP_TASKS or task == "min_zeta" else [])]
-    rest = [o for o in job_overrides()
-            if o.split("=", 1)[0].lstrip("+~") not in NAMED and not o.startswith(("hydra", "+hydra"))]
+    keys = [(o, o.split("=", 1)[0].lstrip("+~")) for o in job_overrides()]
+    rest = [o for o, key in keys if key not in NAMED and key.split(".")[0] not in UNNAMED]
     short = " · ".join(parts + ([" ".join(rest)] if rest else []))
     data = f"{cfg.data._target_.rsplit('.', 1)[-1]}({cfg.data.get('root') or ''}, {cfg.data.image_size} px)"
     long = (f"task={task} model={model} ({cfg.model.arch}) attack={a.name} norm={a.norm} zeta={a.zeta} "

@@ -166,12 +166,13 @@ def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
             import torch
             from mlflow import pytorch as mlflow_pytorch
             name = f"uap-cxr-{model.name}"
+            requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
             quiet = logging.getLogger("mlflow.pytorch")  # its warning on pickle: chosen here (timm's own classes)
             level, _ = quiet.level, quiet.setLevel(logging.ERROR)
             try:
                 logged = mlflow_pytorch.log_model(
-                    model.net, name=f"classifier-{model.name}", registered_model_name=name, serialization_format="pickle",
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"])
+                    model.net, name=f"classifier-{model.name}", registered_model_name=name,
+                    serialization_format="pickle", pip_requirements=requirements)
             finally:
                 quiet.setLevel(level)
             info = {"run_id": run_id, "model_uri": logged.model_uri, "model_id": logged.model_id,

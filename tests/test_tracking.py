@@ -1,6 +1,7 @@
 """MLflow presentation, without a pipeline run: grouped metric names, the experiment's kind and default view
 (new and existing stores), the sweep parent's headline metrics, run names, labelled progress."""
 import json
+import time
 
 import mlflow
 import pytest
@@ -67,6 +68,15 @@ def test_run_names_are_short_telling_part_first_with_a_long_form():
     assert "seed=42" in long and "resnet18 (resnet18)" in long and "zeta=4" in long
     assert run_names(make_cfg(["model=tiny_effnet"]), "train")[0] == "train · tiny_effnet"
     assert run_names(make_cfg([]), "defense")[0].startswith("defense linf z2 · tiny")
+
+
+def test_system_metrics_are_recorded_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    cfg = make_cfg(["tracking.system_metrics=true"], tmp_path)
+    with tracking.start_run(cfg, run_name="probe") as run:
+        time.sleep(2)
+    metrics = mlflow.get_run(run.info.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
 
 
 @pytest.mark.parametrize("tty", [True, False])
