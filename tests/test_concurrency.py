@@ -60,7 +60,7 @@ def test_the_same_sweep_started_twice_at_once_runs_each_job_once(tmp_path):
 def test_sigterm_stops_a_joblib_sweep_and_a_rerun_resumes(tmp_path):
     args = [*SMALL, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "-m"]
     proc = start(args, tmp_path)
-    wait_for(proc, "training test_resnet")  # one worker trains, the other waits for its classifier
+    wait_for(proc, "training tiny")  # one worker trains, the other waits for its classifier
     time.sleep(3)
     workers = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGTERM)

@@ -36,7 +36,7 @@ def wait_for(proc, text, timeout=180):
     raise AssertionError(f"{text!r} not seen:\n{''.join(seen)[-3000:]}")
 
 
-@pytest.mark.parametrize("sig, when, epochs", [(signal.SIGTERM, "training test_resnet", 40),  # long training
+@pytest.mark.parametrize("sig, when, epochs", [(signal.SIGTERM, "training tiny", 40),  # long training
                                                (signal.SIGINT, "fgsm_uap: eps=", 20)])  # then a long attack
 def test_interrupted_run_is_killed_and_keeps_what_was_logged(tmp_path, sig, when, epochs):
     args = ["trainer=fast", f"trainer.max_epochs={epochs}", "attack.max_iter=200", "attack.delta=0"]
