@@ -24,7 +24,7 @@ from pipeline.config import validate
 from pipeline.data import CXRDataModule
 from pipeline.errors import ConfigError, instantiate
 from pipeline.evaluate import predict
-from pipeline.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate
+from pipeline.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate, wilson
 from pipeline.uaps import build_attack, input_set, load_saved_uap, make_uap
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str,
         if len(ds) == 0:
             continue
         pred = predict(model.net, ds, {"clean": None}, device=device)["clean"]
+        metrics[f"{split}_n"] = float(len(ds))
         metrics[f"{split}_acc"] = accuracy(ds.labels, pred)
         metrics.update(class_metrics(split, ds.labels, pred, dm.classes))
         if split == "test":
@@ -227,8 +228,10 @@ def input_metrics(cfg: DictConfig, dm: CXRDataModule, net, uap, atk, train_preds
 
 
 def summary(cfg: DictConfig, m: dict, classes) -> str:
+    lo, hi = wilson(m["test_acc"], m["test_n"])
     lines = [f"result: {cfg.model.get('name') or cfg.model.arch} on {cfg.data._target_.rsplit('.', 1)[-1]} "
-             f"({cfg.data.image_size} px), clean test accuracy {m['test_acc']:.3f}"]
+             f"({cfg.data.image_size} px), clean test accuracy {m['test_acc']:.3f} [{lo:.3f}, {hi:.3f}] "
+             f"on {m['test_n']:.0f} images"]
     if "min_zeta" in m:
         lines.append(f"min_zeta: smallest zeta reaching test FR {m['min_zeta_target_fr']:.2f}: {m['min_zeta']:g}% "
                      f"(largest probed zeta below it: {m['min_zeta_below']:g}%, {m['min_zeta_probes']} probes)")
@@ -239,9 +242,10 @@ def summary(cfg: DictConfig, m: dict, classes) -> str:
         lines.append(f"UAP {a.name} {kind}, {a.norm}, zeta={a.zeta}% (eps={m['eps']:.4g}, "
                      f"norm {m['uap_norm']:.4g}), {m['uap_passes']} passes in {m['uap_seconds']:.1f} s")
         key = "tsr" if targeted else "fr"
-        lines.append(f"{'split':<6} {'acc clean':>9} {'acc UAP':>8} {key.upper() + ' UAP':>8} "
-                     f"{key.upper() + ' random':>11}")
+        lines.append(f"{'split':<6} {'n':>5} {'acc clean':>9} {'acc UAP':>8} {key.upper() + ' UAP':>8} "
+                     f"{'(95% interval)':>15} {key.upper() + ' random':>11}")
         for s in ("train", "test"):
-            lines.append(f"{s:<6} {m[f'{s}_acc_clean']:>9.3f} {m[f'{s}_acc_uap']:>8.3f} "
-                         f"{m[f'{s}_{key}']:>8.3f} {m[f'{s}_{key}_random']:>11.3f}")
+            lo, hi = wilson(m[f"{s}_{key}"], m[f"{s}_n"])
+            lines.append(f"{s:<6} {m[f'{s}_n']:>5.0f} {m[f'{s}_acc_clean']:>9.3f} {m[f'{s}_acc_uap']:>8.3f} "
+                         f"{m[f'{s}_{key}']:>8.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} {m[f'{s}_{key}_random']:>11.3f}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ All functions take 1-D integer tensors of the same length (true labels or predic
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -55,6 +56,18 @@ def attack_rate(clean_preds: torch.Tensor, adv_preds: torch.Tensor, target: int 
     return success_rate(adv_preds, target) if target is not None else fooling_rate(clean_preds, adv_preds)
 
 
+def wilson(rate: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's score interval (95 % for z = 1.96) of a rate measured on n images: a fooling rate, success rate
+    or accuracy. On 303 images it is about +-0.056 at 0.5; it stays inside [0, 1] at 0 and 1. (nan, nan)
+    when the rate or n is unknown."""
+    if rate is None or not n or math.isnan(rate) or math.isnan(n):
+        return float("nan"), float("nan")
+    denom = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denom
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def class_metrics(prefix: str, labels: torch.Tensor, preds: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
     """`{prefix}_sens_{class}` and `{prefix}_ppv_{class}` for each class."""
     sens, ppv = sensitivity_ppv(labels, preds, len(classes))
@@ -70,6 +83,7 @@ def attack_metrics(split: str, labels: torch.Tensor, preds: dict[str, torch.Tens
     """The MLflow metrics of one split, from clean / uap / random predictions (names read by the report)."""
     clean, uap, rnd = preds["clean"], preds["uap"], preds["random"]
     m = {
+        f"{split}_n": float(len(labels)),  # the images each rate is over (its interval: `wilson`)
         f"{split}_acc_clean": accuracy(labels, clean),
         f"{split}_acc_uap": accuracy(labels, uap),
         f"{split}_acc_random": accuracy(labels, rnd),

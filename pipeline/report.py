@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.metrics import wilson
 from pipeline.tables import TARGET_ORDER, assign_groups, group_key, group_label, headline, sort_key, write_tables
 from pipeline.tracking import flat_metrics
 
@@ -83,6 +84,7 @@ def row_of(run) -> dict:
         "train": m.get(f"train_{key}"), "train_random": m.get(f"train_{key}_random"),
         "test": m.get(f"test_{key}"), "test_random": m.get(f"test_{key}_random"),
         "test_acc_clean": m.get("test_acc_clean"), "passes": m.get("uap_passes"), "seconds": m.get("uap_seconds"),
+        "n_train": m.get("train_n"), "n_test": m.get("test_n"),  # absent in stores before intervals: no interval
         "run_id": run.info.run_id, "run_name": run.info.run_name, "model_arch": p.get("model.arch"),
         "config_hash": run.data.tags.get("config_hash"), "params": dict(p), "metrics": m,
     }
@@ -110,7 +112,7 @@ def plot_vs_zeta(rows: list[dict], out: Path) -> Path:
             series = sorted(first, key=lambda s: (s[0], TARGET_ORDER.get(s[1], 9), group_key(first[s])))
             many_attacks = len({s[0] for s in series}) > 1
             for k, (attack, target, group) in enumerate(series):
-                pts = sorted((r["zeta"], r["test"], r["test_random"]) for r in sel
+                pts = sorted((r["zeta"], r["test"], r["test_random"], r.get("n_test")) for r in sel
                              if (r["attack"], r["target"], r.get("group", ())) == (attack, target, group))
                 z = [p[0] for p in pts]
                 c = colors[k % len(colors)]
@@ -118,10 +120,21 @@ def plot_vs_zeta(rows: list[dict], out: Path) -> Path:
                 label = ", ".join(x for x in parts if x)
                 ax.plot(z, [p[1] for p in pts], "o-", color=c, label=label)
                 ax.plot(z, [p[2] for p in pts], "x--", color=c, alpha=0.7, markersize=5)  # x: a lone point shows
+                for col, alpha in ((1, 0.18), (2, 0.08)):  # Wilson 95 % bands: the UAP's, the random control's
+                    band = [wilson(p[col], p[3]) for p in pts]
+                    if any(math.isnan(b[0]) for b in band):
+                        continue
+                    if len(z) > 1:
+                        ax.fill_between(z, [b[0] for b in band], [b[1] for b in band], color=c, alpha=alpha, lw=0)
+                    else:
+                        y = pts[0][col]
+                        ax.errorbar(z, [y], yerr=[[y - band[0][0]], [band[0][1] - y]], color=c, alpha=0.6,
+                                    capsize=3, fmt="none")
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("zeta (%)")
             ax.set_ylabel("test FR (non-targeted) / TSR (targeted)")
-            ax.set_title(f"{data + ': ' if many_data else ''}{model}, {norm}  (dashed: random control)", fontsize=9)
+            ax.set_title(f"{data + ': ' if many_data else ''}{model}, {norm}  (dashed: random control; "
+                         "bands: 95 % Wilson intervals)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()

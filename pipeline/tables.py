@@ -12,6 +12,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.metrics import wilson
+
 
 def md_table(head: list[str], cells: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -143,6 +145,12 @@ def fmt(v, key: str = "") -> str:
     return "" if v is None else str(v)
 
 
+def interval(rate, n) -> str:
+    """` [lo, hi]`: the 95 % Wilson interval of a rate over n images; empty when n is unknown (older runs)."""
+    lo, hi = wilson(rate, n if n is not None else float("nan"))
+    return "" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
+
+
 def runs_cell(ids: list[str], most: int = 6) -> str:
     """Short run ids; a long list ends with how many more."""
     ids = [short_id(i) for i in ids]
@@ -156,9 +164,9 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
         w.writeheader()
         w.writerows({**r, "config": group_label(r)} for r in rows)
     head = ["data", "model", "attack", "target", "norm", "zeta (%)", *cols, "metric", "train UAP", "train random",
-            "test UAP", "test random", "clean test acc", "run"]
+            "test UAP", "test UAP 95 %", "test random", "test random 95 %", "clean test acc", "run"]
     keys = ["data", "model", "attack", "target", "norm", "zeta"]
-    vals = ["metric", "train", "train_random", "test", "test_random", "test_acc_clean"]
+    vals = ["metric", "train", "train_random", "test", "test_ci", "test_random", "test_random_ci", "test_acc_clean"]
     kind, norms = "FR" if len(targets(rows)) == 1 else "FR / TSR", sorted({r["norm"] for r in rows})
     sections = [("Classifiers: clean test set", classifier_table(rows)),
                 *((f"{kind}, {NORM_NAMES.get(norm, norm)}: train / test, UAP and random control",
@@ -166,13 +174,20 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
                 ("Where non-targeted UAPs send the test images: share of predictions per class, clean -> **UAP** "
                  f"(random), zeta closest to {zeta:g} %", shares_table(rows, zeta, cols)),
                 ("Every run", md_table(head, [[*(fmt(r[k], k) for k in keys), *r["config"].values(),
-                                               *(fmt(r[k], k) for k in vals), short_id(r["run_id"])] for r in rows]))]
+                                               *(fmt(with_intervals(r)[k], k) for k in vals), short_id(r["run_id"])]
+                                              for r in rows]))]
     apart = ", ".join(f"`{c}`" for c in cols)
-    note = (f"{len(rows)} runs. `run` / `runs`: MLflow run ids, first 8 characters (a row's runs in zeta order)"
+    note = (f"{len(rows)} runs. `[lo, hi]`: 95 % Wilson interval over the test images. "
+            "`run` / `runs`: MLflow run ids, first 8 characters (a row's runs in zeta order)"
             + (f"; rows of one model / attack / target / norm are told apart by {apart}" if cols else "") + ".\n\n")
     text = note + "\n".join(f"### {title}\n\n{body}" for title, body in sections if body)
     (out / "results.md").write_text(text)
     return out / "results.csv", out / "results.md"
+
+
+def with_intervals(r: dict) -> dict:
+    return {**r, "test_ci": interval(r["test"], r.get("n_test")).strip(),
+            "test_random_ci": interval(r["test_random"], r.get("n_test")).strip()}
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -204,7 +219,7 @@ def classifier_table(rows: list[dict]) -> str:
     for k, r in sorted(first.items(), key=order):
         m = r["metrics"]
         cells.append([r["data"], r["model"], *config_of(r, cols).values(), fmt(r.get("config_hash"))[:8],
-                      fmt(m.get("val_acc")), fmt(m.get("test_acc")),
+                      fmt(m.get("val_acc")), fmt(m.get("test_acc")) + interval(m.get("test_acc"), m.get("test_n")),
                       *(f"{fmt(m.get(f'test_sens_{c}'))} / {fmt(m.get(f'test_ppv_{c}'))}" for c in classes),
                       runs_cell(runs[k])])
     return md_table(head, cells)
@@ -212,7 +227,7 @@ def classifier_table(rows: list[dict]) -> str:
 
 def paper_table(rows: list[dict], cols: list[str] = ()) -> str:
     """Paper-style: one row per (data, model, attack, target, config columns) and UAP / random, one column per
-    zeta ("train / test"); the runs of the row in zeta order."""
+    zeta ("train / test [95 % interval of test]"); the runs of the row in zeta order."""
     zetas = sorted({r["zeta"] for r in rows})
     cell = {(*table_row(r)[:4], *r.get("group", ()), r["zeta"]): r for r in rows}
     groups = sorted({k[:-1] for k in cell}, key=lambda g: (*g[:3], TARGET_ORDER.get(g[3], 9), *map(natural, g[4:])))
@@ -224,7 +239,9 @@ def paper_table(rows: list[dict], cols: list[str] = ()) -> str:
         vals = [cell.get((*g, z)) for z in zetas]
         ids = runs_cell([r["run_id"] for r in vals if r is not None], most=len(zetas))
         for kind, (tr, te) in (("UAP", ("train", "test")), ("random", ("train_random", "test_random"))):
-            cells.append([*g, metric, kind, *("" if r is None else f"{fmt(r[tr])} / {fmt(r[te])}" for r in vals), ids])
+            cells.append([*g, metric, kind, *("" if r is None else
+                                              f"{fmt(r[tr])} / {fmt(r[te])}{interval(r[te], r.get('n_test'))}"
+                                              for r in vals), ids])
     return md_table(head, cells)
 
 

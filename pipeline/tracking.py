@@ -194,7 +194,7 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
 UAP_KEYS = {"eps": "eps", "zeta": "zeta", "uap_norm": "norm", "random_norm": "random_norm",
             "uap_seconds": "seconds", "uap_passes": "passes", "input_fr": "input_fr", "input_tsr": "input_tsr",
             "uap_fr_input": "fr_input"}
-CLASSIFIER = re.compile(r"(val|test)_(acc|sens_.+|ppv_.+)")  # the classifier's own (the attack's: test_clean_sens_..)
+CLASSIFIER = re.compile(r"(val|test)_(acc|n|sens_.+|ppv_.+)")  # the classifier's own (the attack's: test_clean_sens_..)
 
 
 def mlflow_key(flat: str) -> str:

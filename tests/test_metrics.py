@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from pipeline.metrics import (
     fooling_rate_label,
     sensitivity_ppv,
     success_rate,
+    wilson,
 )
 
 T = torch.tensor
@@ -40,10 +43,22 @@ def test_fooling_rates_and_success_rate():
     assert accuracy(labels, clean) == pytest.approx(4 / 5)
 
 
+def test_wilson_interval_by_hand():
+    # p = 0.5, n = 100: centre 0.5, half-width 1.96 * sqrt(0.0025 + 1.96**2 / 40000) / (1 + 1.96**2 / 100) = 0.09617
+    assert wilson(0.5, 100) == pytest.approx((0.40383, 0.59617), abs=1e-5)
+    # p = 0, n = 10: [0, 2 * (1.96**2 / 20) / (1 + 1.96**2 / 10)] = [0, 0.27753], never below 0 (nor above 1)
+    assert wilson(0.0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert wilson(1.0, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
+    lo, hi = wilson(0.5, 303)
+    assert 0.054 < (hi - lo) / 2 < 0.058  # the "about +-0.05 at 0.5 on 303 images"
+    assert all(math.isnan(x) for x in wilson(0.5, float("nan")))  # an older run without its image count
+
+
 def test_attack_metric_names():
     labels = T([0, 1, 2, 2])
     preds = {"clean": T([0, 1, 2, 2]), "uap": T([2, 2, 2, 2]), "random": T([0, 1, 2, 1])}
     m = attack_metrics("test", labels, preds, ["normal", "pneumonia", "COVID-19"], target=2)
+    assert m["test_n"] == 4  # the images the rates are over (their intervals)
     assert m["test_acc_clean"] == 1.0 and m["test_acc_uap"] == 0.5 and m["test_acc_random"] == 0.75
     assert m["test_fr"] == 0.5 and m["test_fr_random"] == 0.25
     assert m["test_tsr"] == 1.0 and m["test_tsr_random"] == 0.25

@@ -28,7 +28,8 @@ def params(**over) -> dict:
 
 def metrics(fr: float) -> dict:
     m = {"eps": 0.05, "train_fr": fr, "test_fr": fr + 0.01, "train_fr_random": 0.02, "test_fr_random": 0.03,
-         "test_acc_clean": 0.9, "val_acc": 0.8, "test_acc": 0.9, "uap_passes": 3, "uap_seconds": 1.0}
+         "test_acc_clean": 0.9, "val_acc": 0.8, "test_acc": 0.9, "uap_passes": 3, "uap_seconds": 1.0,
+         "test_n": 300, "train_n": 500}
     for c in CLASSES:
         m.update({f"test_sens_{c}": 0.9, f"test_ppv_{c}": 0.9, f"test_clean_share_{c}": 1 / 3,
                   f"test_uap_share_{c}": 0.5 if c == "normal" else 0.25, f"test_random_share_{c}": 1 / 3})
@@ -54,7 +55,8 @@ def store(tmp_path_factory):
         with mlflow.start_run(experiment_id=exp, run_name=name) as run:
             mlflow.log_params({**p, "paths.output_dir": f"/out/{i}"})  # differs in every run: never a column
             mlflow.set_tags({**tags, "choice.data": "phantom", "job_hash": f"job{i}"})
-            mlflow.log_metrics({mlflow_key(k) if grouped else k: v for k, v in metrics(fr).items()})
+            m = metrics(fr) if grouped else {k: v for k, v in metrics(fr).items() if not k.endswith("_n")}  # older
+            mlflow.log_metrics({mlflow_key(k) if grouped else k: v for k, v in m.items()})
             if i == 0:
                 np.save(root / "uap.npy", np.random.default_rng(0).uniform(-0.05, 0.05, (64, 64)).astype(np.float32))
                 mlflow.log_artifact(str(root / "uap.npy"))
@@ -90,8 +92,12 @@ def test_runs_of_one_cell_with_another_seed_get_rows_and_columns_of_their_own(re
     uap = [r for r in linf if r["model"] == "tiny" and r["perturbation"] == "UAP"]
     assert len(uap) == 2
     by_seed = {r["seed"]: r for r in uap}
-    assert by_seed["42"]["zeta 2 %"] == "0.500 / 0.510" and by_seed["42"]["zeta 4 %"] == "0.700 / 0.710"
+    # test's 95 % Wilson interval over its 300 images; none for the older run, which logged no image count
+    assert by_seed["42"]["zeta 2 %"] == "0.500 / 0.510 [0.45, 0.57]"
+    assert by_seed["42"]["zeta 4 %"] == "0.700 / 0.710 [0.66, 0.76]"
     assert by_seed["7"]["zeta 2 %"] == "0.400 / 0.410" and by_seed["7"]["zeta 4 %"] == ""
+    rnd = {r["seed"]: r for r in linf if r["model"] == "tiny" and r["perturbation"] == "random"}
+    assert rnd["42"]["zeta 2 %"] == "0.020 / 0.030 [0.02, 0.06]"  # the random control's too
     assert by_seed["42"]["runs"] == f"{ids['default z2'][:8]}, {ids['default z4'][:8]}"  # in zeta order
     assert by_seed["7"]["runs"] == ids["seed7 z2"][:8]
     assert "seed`, `trainer.max_epochs`" in md.splitlines()[0]  # the note says what tells rows apart
@@ -105,6 +111,7 @@ def test_one_row_per_classifier_and_one_name_per_model(report):
     assert sorted((r["model"], r["seed"], r["classifier"]) for r in clf) == [
         ("tiny", "42", "aaaa1111"), ("tiny", "7", "bbbb2222"), ("tiny_effnet", "42", "cccc3333")]
     assert {r["classifier"]: r["runs"] for r in clf}["aaaa1111"] == f"{ids['default z2'][:8]}, {ids['default z4'][:8]}"
+    assert {r["classifier"]: r["test acc"] for r in clf}["aaaa1111"] == "0.900 [0.86, 0.93]"
     assert "test_efficientnet" not in md  # the config's name, not the timm arch
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["model"] for r in rows} == {"tiny", "tiny_effnet"}

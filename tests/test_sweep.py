@@ -4,6 +4,8 @@ import csv
 import pytest
 from conftest import cells, mlflow_runs, run_cli
 
+from pipeline.metrics import wilson
+
 STEP2 = ["metrics.test_fr", "metrics.train_fr", "metrics.test_fr_random", "metrics.uap_norm", "metrics.eps"]
 
 
@@ -111,14 +113,19 @@ def test_report_tables_equal_the_logged_metrics(smoke, tmp_path):
         col = cells(table[2]).index(f"zeta {z:g} %")
         uap = cells(next(line for line in table if "| UAP |" in line))[col]
         rnd = cells(next(line for line in table if "| random |" in line))[col]
-        assert uap == f"{run['metrics.train_fr']:.3f} / {run['metrics.test_fr']:.3f}"
-        assert rnd == f"{run['metrics.train_fr_random']:.3f} / {run['metrics.test_fr_random']:.3f}"
+        n = run["metrics.test_n"]  # with the 95 % Wilson interval of test over its n images
+        ci = "[{:.2f}, {:.2f}]".format
+        assert uap == (f"{run['metrics.train_fr']:.3f} / {run['metrics.test_fr']:.3f} "
+                       f"{ci(*wilson(run['metrics.test_fr'], n))}")
+        assert rnd == (f"{run['metrics.train_fr_random']:.3f} / {run['metrics.test_fr_random']:.3f} "
+                       f"{ci(*wilson(run['metrics.test_fr_random'], n))}")
     table = [line for line in md.split("### Classifiers")[1].split("###")[0].splitlines() if line.startswith("|")]
     assert len(table) == 3  # one classifier for the whole sweep, named by model.name (not the timm arch)
     row = dict(zip(cells(table[0]), cells(table[2])))
     assert row["model"] == "tiny" and row["classifier"] == kids.iloc[0]["tags.config_hash"][:8]
+    acc = kids.iloc[0]["metrics.test_acc"]
     assert (row["val acc"], row["test acc"]) == (f"{kids.iloc[0]['metrics.val_acc']:.3f}",
-                                                 f"{kids.iloc[0]['metrics.test_acc']:.3f}")
+                                                 f"{acc:.3f} [{wilson(acc, 300)[0]:.2f}, {wilson(acc, 300)[1]:.2f}]")
     assert len(row["runs"].split(", ")) == 4  # the sweep's 4 runs use it
     assert "seed" not in cells(every.strip().splitlines()[0])  # one config: no config columns
     assert [c for c in cells(every.strip().splitlines()[0]) if "." in c] == []
