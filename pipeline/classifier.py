@@ -232,8 +232,30 @@ def new_classifier(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
     return instantiate(cfg.model, classes=list(classes), optim=cfg.optim, _recursive_=False)
 
 
+def load_classifier_file(cfg: DictConfig, dm) -> tuple[Classifier, dict]:
+    """`classifier_file`: a classifier saved by the pipeline (a cache entry's classifier.pt, a defense's
+    defense_classifier.pt), used as it is on this config's data: no training, no cache. Its architecture and
+    classes must be the config's, and its image size (when recorded) data.image_size."""
+    path = Path(str(cfg.classifier_file)).expanduser()
+    model = new_classifier(cfg, dm.classes)
+    try:
+        meta = load_checkpoint(model, path)
+    except ValueError as e:
+        raise ConfigError(f"classifier_file={cfg.classifier_file}: {e}") from None
+    size = meta.get("image_size")
+    if size is not None and int(size) != dm.image_size:
+        raise ConfigError(f"classifier_file={cfg.classifier_file}: trained at {size} px, but data.image_size="
+                          f"{dm.image_size}: set data.image_size={size}")
+    log.info("classifier %s loaded from classifier_file %s (trained %s): not retraining", model.name, path,
+             meta.get("trained_at"))
+    return model, {**meta, "cache_hit": True, "source": "file", "path": str(path)}
+
+
 def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
-    """The classifier for this config: from the cache when present and valid, else trained and cached."""
+    """The classifier for this config: `classifier_file` when set; else from the cache when present and valid,
+    else trained and cached."""
+    if cfg.get("classifier_file"):
+        return load_classifier_file(cfg, dm)
     key = classifier_key(cfg, dm)
     entry = Path(cfg.paths.cache_dir) / "classifiers" / key
     ckpt = entry / "classifier.pt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,10 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(size, int) or not min_size <= size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"data.image_size={size}: expected an integer in [{min_size}, {MAX_IMAGE_SIZE}] "
                           f"(model {cfg.model.arch} needs >= {min_size})")
+    f = cfg.get("classifier_file")
+    if f is not None and not Path(str(f)).expanduser().is_file():
+        raise ConfigError(f"classifier_file={f}: file not found (expected a classifier saved by the pipeline, e.g. "
+                          f"outputs/cache/classifiers/<key>/classifier.pt)")
     epochs = cfg.trainer.max_epochs
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"trainer.max_epochs={epochs}: expected an integer >= 1")

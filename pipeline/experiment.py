@@ -103,7 +103,7 @@ def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> It
         if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
         model, meta = train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id, cfg))
-        tracking.mlflow.set_tag("classifier_cache", "hit" if meta["cache_hit"] else "trained")
+        tracking.mlflow.set_tag("classifier_cache", meta.get("source") or ("hit" if meta["cache_hit"] else "trained"))
         tracking.mlflow.set_tag("classifier_path", meta["path"])
         model_id = None
         if cfg.tracking.get("log_model", True):  # the classifier as an MLflow model, this run linked to it

@@ -173,6 +173,8 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
                    paper_table([r for r in rows if r["norm"] == norm], cols)) for norm in norms),
                 ("Where non-targeted UAPs send the test images: share of predictions per class, clean -> **UAP** "
                  f"(random), zeta closest to {zeta:g} %", shares_table(rows, zeta, cols)),
+                ("Across seeds: mean ± sd (sample standard deviation) over the seeds of each cell",
+                 seeds_table(rows, cols)),
                 ("Every run", md_table(head, [[*(fmt(r[k], k) for k in keys), *r["config"].values(),
                                                *(fmt(with_intervals(r)[k], k) for k in vals), short_id(r["run_id"])]
                                               for r in rows]))]
@@ -188,6 +190,41 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
 def with_intervals(r: dict) -> dict:
     return {**r, "test_ci": interval(r["test"], r.get("n_test")).strip(),
             "test_random_ci": interval(r["test_random"], r.get("n_test")).strip()}
+
+
+def spread(values) -> str:
+    """`mean ± sd` (sample standard deviation) of the known values; the mean alone for one."""
+    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
+    if not v:
+        return ""
+    mean = sum(v) / len(v)
+    if len(v) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)):.3f}"
+
+
+def seeds_table(rows: list[dict], cols: list[str]) -> str:
+    """Runs that differ only by their seed (`seed=0,1,2 -m`, +sweep=seeds), taken together: per table cell
+    (data, model, attack, target, norm, zeta and the other config columns) the seeds, and the mean ± sd over
+    them of the clean test accuracy and of test FR / TSR under the UAP and under its random control."""
+    if "seed" not in cols:
+        return ""
+    rest = [c for c in cols if c != "seed"]
+    by = defaultdict(list)
+    for r in rows:
+        by[(*table_row(r), r["zeta"], *(r["config"][c] for c in rest))].append(r)
+    head = ["data", "model", "attack", "target", "norm", "zeta (%)", *rest, "metric", "seeds", "clean test acc",
+            "test UAP", "test random", "runs"]
+    cells = []
+    for key, grp in sorted(by.items(), key=lambda kv: tuple(natural(x) for x in kv[0])):
+        if len(grp) < 2:
+            continue
+        grp = sorted(grp, key=lambda r: natural(r["config"]["seed"]))
+        cells.append([*key[:5], fmt(key[5], "zeta"), *key[6:], grp[0]["metric"],
+                      ", ".join(r["config"]["seed"] for r in grp), spread(r["test_acc_clean"] for r in grp),
+                      spread(r["test"] for r in grp), spread(r["test_random"] for r in grp),
+                      runs_cell([r["run_id"] for r in grp])])
+    return md_table(head, cells) if cells else ""
 
 
 def targets(rows: list[dict]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import subprocess
 import urllib.error
@@ -157,7 +158,8 @@ def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
     link is kept in the cache entry (`mlflow.json`, by store)."""
     uri = mlflow.get_tracking_uri()
     run_id = mlflow.active_run().info.run_id
-    with FileLock(str(cache_entry / ".mlflow.lock")):
+    writable = os.access(cache_entry, os.W_OK)  # a classifier_file in a read-only folder: no link kept there
+    with FileLock(str(cache_entry / ".mlflow.lock")) if writable else contextlib.nullcontext():
         path = cache_entry / "mlflow.json"
         links = json.loads(path.read_text()) if path.is_file() else {}
         info = links.get(uri)
@@ -178,7 +180,8 @@ def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
             info = {"run_id": run_id, "model_uri": logged.model_uri, "model_id": logged.model_id,
                     "registered": f"models:/{name}/{logged.registered_model_version}"}
             links[uri] = info
-            path.write_text(json.dumps(links, indent=1))
+            if writable:
+                path.write_text(json.dumps(links, indent=1))
     mlflow.set_tags({"classifier_run_id": info["run_id"], "classifier_model": info["model_uri"],
                      "classifier_registered": info["registered"]})
     return info

@@ -166,3 +166,20 @@ def test_examples_grid_has_an_amplified_perturbation_column_and_a_title():
     assert img.min() == pytest.approx(0, abs=0.02) or img.max() == pytest.approx(1, abs=0.02)  # the full range
     assert np.allclose(img, 0.5 + uap.numpy() * 0.5 / np.abs(uap.numpy()).max())
     assert "tiny" in fig._suptitle.get_text() and "zeta=2%" in fig._suptitle.get_text()
+
+
+def test_runs_differing_only_by_seed_are_summarised_as_mean_and_sd():
+    def row(seed, zeta, test, rnd, acc, epochs="20"):
+        return {"data": "cxr3", "model": "resnet18", "attack": "sgd_uap", "target": "non-targeted", "norm": "linf",
+                "zeta": zeta, "metric": "FR", "test": test, "test_random": rnd, "test_acc_clean": acc,
+                "run_id": f"run{seed}{zeta}{epochs}xxxx", "config": {"seed": str(seed), "trainer.max_epochs": epochs}}
+    rows = [row(0, 2.0, 0.5, 0.1, 0.7), row(1, 2.0, 0.7, 0.2, 0.8), row(2, 2.0, 0.6, 0.0, 0.9),
+            row(0, 4.0, 0.9, 0.3, 0.7), row(0, 2.0, 0.2, 0.2, 0.5, epochs="3")]  # alone in their cells
+    table = tables.seeds_table(rows, ["seed", "trainer.max_epochs"]).splitlines()
+    assert len(table) == 3  # header, rule, one cell with 3 seeds
+    r = dict(zip(cells(table[0]), cells(table[2])))
+    # by hand: mean 0.6, sample sd sqrt((0.01 + 0.01 + 0) / 2) = 0.1; random 0.1 and 0.1; accuracy 0.8 and 0.1
+    assert (r["seeds"], r["test UAP"], r["test random"], r["clean test acc"]) == (
+        "0, 1, 2", "0.600 ± 0.100", "0.100 ± 0.100", "0.800 ± 0.100")
+    assert r["trainer.max_epochs"] == "20" and r["zeta (%)"] == "2" and len(r["runs"].split(", ")) == 3
+    assert tables.seeds_table(rows, ["trainer.max_epochs"]) == ""  # no seed column: no such table
