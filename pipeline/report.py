@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from pipeline.metrics import wilson
 from pipeline.tables import TARGET_ORDER, assign_groups, group_key, group_label, headline, sort_key, write_tables
-from pipeline.tracking import flat_metrics
+from pipeline.tracking import flat_metrics, model_name, run_target
 
 log = logging.getLogger("pipeline.report")
 
@@ -64,22 +64,14 @@ def select_runs(experiment: str, sweep: str | None) -> list:
     return list(newest.values())
 
 
-def model_name(run) -> str:
-    """One name per model in every table and figure: the config's `model.name`; for stores written before
-    it, the config group chosen (`choice.model` tag), else the timm arch."""
-    p = run.data.params
-    return p.get("model.name") or run.data.tags.get("choice.model") or p.get("model.arch", "?")
-
-
 def row_of(run) -> dict:
     p, m = run.data.params, flat_metrics(run.data.metrics)  # grouped MLflow names (test/fr) or older flat ones
-    target = p.get("attack.target", "None")
-    targeted = target not in ("None", "null", "", None)
-    key = "tsr" if targeted else "fr"
+    target = run_target(run)
+    key = "tsr" if target else "fr"
     return {
         "data": run.data.tags.get("choice.data", p.get("data._target_", "").rsplit(".", 1)[-1]),
         "model": model_name(run), "attack": p.get("attack.name") or p.get("attack._target_", "").rsplit(".", 1)[-1],
-        "target": target if targeted else "non-targeted", "norm": p.get("attack.norm"),
+        "target": target or "non-targeted", "norm": p.get("attack.norm"),
         "zeta": float(p.get("attack.zeta", "nan")), "eps": m.get("eps"), "metric": key.upper(),
         "train": m.get(f"train_{key}"), "train_random": m.get(f"train_{key}_random"),
         "test": m.get(f"test_{key}"), "test_random": m.get(f"test_{key}_random"),

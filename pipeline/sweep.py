@@ -93,8 +93,8 @@ def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
     for r in jobs.values():
         p = r.data.params
         row = {"run_id": r.info.run_id, "status": r.info.status, "overrides": r.data.tags.get("overrides", ""),
-               "model": p.get("model.name") or r.data.tags.get("choice.model") or p.get("model.arch"),
-               "norm": p.get("attack.norm"), "zeta": p.get("attack.zeta"), "target": p.get("attack.target")}
+               "model": tracking.model_name(r), "norm": p.get("attack.norm"), "zeta": p.get("attack.zeta"),
+               "target": tracking.run_target(r)}
         metrics = tracking.flat_metrics(r.data.metrics)
         row.update({m: metrics[m] for m in SUMMARY_METRICS if m in metrics})
         rows.append(row)
@@ -107,7 +107,7 @@ def headline(rows: list[dict]) -> dict[str, float]:
     them by model."""
     out = {}
     for r in rows:
-        targeted = r["target"] not in (None, "None", "")
+        targeted = r["target"] is not None
         key = "tsr" if targeted else "fr"
         if r["status"] not in DONE or f"test_{key}" not in r:
             continue

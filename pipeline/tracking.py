@@ -231,6 +231,19 @@ def flat_key(name: str) -> str:
     return f"{group}_{rest}" if group in ("train", "test", "defense", "probe") else name  # fit/...: Lightning's
 
 
+def model_name(run) -> str:
+    """A run's model, one name everywhere: the config's `model.name`; for runs logged before it, the config
+    group chosen (`choice.model` tag), else the timm arch."""
+    p = run.data.params
+    return p.get("model.name") or run.data.tags.get("choice.model") or p.get("model.arch", "?")
+
+
+def run_target(run) -> str | None:
+    """A run's UAP target class, None for a non-targeted UAP (MLflow holds a null param as "None")."""
+    target = run.data.params.get("attack.target")
+    return None if target in (None, "None", "null", "") else target
+
+
 def flat_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """A run's metrics (`run.data.metrics`) under the flat names the code uses, from old or new stores."""
     return {flat_key(k): v for k, v in metrics.items()}

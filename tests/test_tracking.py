@@ -53,11 +53,11 @@ def test_the_experiment_opens_on_its_runs_table_in_new_and_existing_stores(tmp_p
 
 
 def test_the_sweep_parent_gets_each_jobs_headline_numbers():
-    rows = [{"status": "FINISHED", "model": "tiny", "norm": "linf", "zeta": "2.0", "target": "None",
+    rows = [{"status": "FINISHED", "model": "tiny", "norm": "linf", "zeta": "2.0", "target": None,
              "test_fr": 0.5, "test_fr_random": 0.01},
             {"status": "FINISHED", "model": "tiny", "norm": "l2", "zeta": "0.5", "target": "COVID-19",
              "test_tsr": 0.9, "test_tsr_random": 0.3, "test_fr": 0.6, "test_fr_random": 0.02},
-            {"status": "FAILED", "model": "tiny", "norm": "l2", "zeta": "4", "target": "None"}]
+            {"status": "FAILED", "model": "tiny", "norm": "l2", "zeta": "4", "target": None}]
     assert sweep.headline(rows) == {"tiny/linf z2 FR": 0.5, "tiny/linf z2 FR random": 0.01,
                                     "tiny/l2 z0.5 TSR COVID-19": 0.9, "tiny/l2 z0.5 TSR COVID-19 random": 0.3}
 
