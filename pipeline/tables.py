@@ -176,8 +176,8 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
                 ("Across seeds: mean ± sd (sample standard deviation) over the seeds of each cell",
                  seeds_table(rows, cols)),
                 ("Every run", md_table(head, [[*(fmt(r[k], k) for k in keys), *r["config"].values(),
-                                               *(fmt(with_intervals(r)[k], k) for k in vals), short_id(r["run_id"])]
-                                              for r in rows]))]
+                                               *(fmt(r[k], k) for k in vals), short_id(r["run_id"])]
+                                              for r in map(with_intervals, rows)]))]
     apart = ", ".join(f"`{c}`" for c in cols)
     note = (f"{len(rows)} runs. `[lo, hi]`: 95 % Wilson interval over the test images. "
             "`run` / `runs`: MLflow run ids, first 8 characters (a row's runs in zeta order)"
