@@ -78,6 +78,12 @@ class Classifier(pl.LightningModule):
         self.min_image_size = int(min_image_size)
         self.net = build_net(arch, len(self.classes), pretrained, pretrained_path, extra)
         self._outputs: dict[str, list] = {"val": [], "test": []}
+        self.class_weights: torch.Tensor | None = None
+
+    def on_fit_start(self):
+        dm = self.trainer.datamodule
+        weights = dm.class_weights() if dm is not None and hasattr(dm, "class_weights") else None
+        self.class_weights = None if weights is None else weights.to(self.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -85,7 +91,7 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, weight=self.class_weights)
         self.log("fit/train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("fit/train_acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
         return loss
@@ -278,7 +284,9 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
         best = BestWeights()
         shown = progress.trainer_progress(bool(cfg.trainer.get("enable_progress_bar", True)), epoch_label,
                                           epoch_line)
-        trainer = make_trainer(cfg, callbacks=[best, *shown.pop("callbacks")], **shown,
+        # no validation split (data.val_fraction=0): no validation loop, the last epoch's weights are kept
+        no_val = {"limit_val_batches": 0} if len(dm.dataset("val")) == 0 else {}
+        trainer = make_trainer(cfg, callbacks=[best, *shown.pop("callbacks")], **shown, **no_val,
                                logger=logger if logger is not None else False,
                                enable_checkpointing=False, default_root_dir=str(entry))
         t0 = time.time()
@@ -290,6 +298,7 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
                 "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "image_size": dm.image_size}
         save_checkpoint(model, ckpt, meta)
         (entry / "config.json").write_text(json.dumps(defining_config(cfg, dm), indent=2, default=str))
-        log.info("classifier trained in %.0f s (best val_acc %.3f at epoch %d), cached at %s",
-                 meta["train_seconds"], meta["val_acc"] or float("nan"), best.epoch, ckpt)
+        kept = (f"best val_acc {meta['val_acc']:.3f} at epoch {best.epoch + 1}" if best.best
+                else f"last epoch {trainer.current_epoch}, no validation split")
+        log.info("classifier trained in %.0f s (%s), cached at %s", meta["train_seconds"], kept, ckpt)
         return model, {**meta, "cache_hit": False, "path": str(ckpt)}

@@ -33,6 +33,9 @@ def validate(cfg: DictConfig) -> None:
     epochs = cfg.trainer.max_epochs
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"trainer.max_epochs={epochs}: expected an integer >= 1")
+    lr = cfg.optim.optimizer.get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr <= 1:
+        raise ConfigError(f"optim.optimizer.lr={lr!r} (data.lr with optim=adamw_onecycle): expected a number in (0, 1]")
     a = cfg.attack  # the keys around the search here; the module's own (norm, zeta, target...) by new_attack below
     least = 1 if a.get("step_rule") else 0  # a search needs a pass; the random control has none
     if not isinstance(a.max_iter, int) or a.max_iter < least:

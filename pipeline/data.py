@@ -107,9 +107,10 @@ class CXRDataModule(pl.LightningDataModule):
 
     def __init__(self, classes: Sequence[str] = COVIDX_CLASSES, image_size: int = 224, val_fraction: float = 0.1,
                  seed: int = 0, batch_size: int = 32, num_workers: int = 0, augment: dict | None = None,
-                 epochs: int | None = None):
-        # `epochs` is the data set's default training length, read by the trainer config
-        # (trainer.max_epochs: ${data.epochs}); accepted here so that `data` instantiates as it is
+                 epochs: int | None = None, lr: float | None = None, class_weights: str | None = None):
+        # `epochs` and `lr` are the data set's training recipe, read by the trainer and optim configs
+        # (trainer.max_epochs: ${data.epochs}, optim.optimizer.lr: ${data.lr}); accepted here so that `data`
+        # instantiates as it is
         super().__init__()
         self.classes = list(classes)
         self.image_size = int(image_size)
@@ -118,6 +119,7 @@ class CXRDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.augment = dict(augment) if augment else None
+        self.class_weighting = class_weights
         self.sets: dict[str, GrayDataset] = {}
         self._fingerprint: str | None = None
         if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
@@ -126,6 +128,8 @@ class CXRDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size}: expected an integer >= 1")
+        if class_weights not in (None, "balanced"):
+            raise ConfigError(f"data.class_weights={class_weights!r}: expected null or balanced")
 
     @property
     def num_classes(self) -> int:
@@ -156,6 +160,16 @@ class CXRDataModule(pl.LightningDataModule):
         for name, ds in self.sets.items():
             counts = np.bincount(ds.labels.numpy(), minlength=self.num_classes).tolist()
             log.info("%s: %d images %s", name, len(ds), dict(zip(self.classes, counts)))
+
+    def class_weights(self) -> torch.Tensor | None:
+        """The training loss's class weights: data.class_weights=balanced gives each class the same total weight
+        whatever its share of the training images (n / (k x n_class)); null, plain cross-entropy."""
+        if self.class_weighting is None:
+            return None
+        counts = torch.bincount(self.dataset("train").labels, minlength=self.num_classes).float()
+        weights = counts.sum() / (self.num_classes * counts.clamp(min=1))
+        log.info("class weights %s", {c: round(w, 3) for c, w in zip(self.classes, weights.tolist())})
+        return weights
 
     def dataset(self, split: str) -> GrayDataset:
         self.setup()

@@ -57,6 +57,7 @@ def test_paper_models_have_configs():
     ("attack.zeta=0", "attack.zeta"), ("attack.zeta=150", "attack.zeta"), ("attack.zeta=-1", "attack.zeta"),
     ("attack.norm=l1", "attack.norm"), ("attack.target=flu", "attack.target"), ("attack.max_iter=0", "attack.max_iter"),
     ("data.image_size=16", "data.image_size"), ("trainer.max_epochs=-3", "trainer.max_epochs"),
+    ("data.lr=0", "data.lr"), ("optim.optimizer.lr=fast", "optim.optimizer.lr"),
 ])
 def test_bad_values_fail_validation_naming_the_key(override, key, tmp_path):
     cfg = make_cfg([override], tmp_path)

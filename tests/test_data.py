@@ -87,6 +87,19 @@ def test_covidx_reader_parses_maps_classes_and_splits_by_patient(tmp_path):
     assert tr.images.shape[1:] == (1, 16, 16) and tr.images.dtype == torch.uint8
 
 
+def test_balanced_class_weights_are_inverse_class_frequencies_of_train(tmp_path):
+    # train: 6 normal, 2 pneumonia, 4 COVID-19 (12 images, 3 classes): weights 12 / (3 x count)
+    lines = good_lines("p", 6)[:6] + good_lines("p", 2)[2:4] + good_lines("p", 4)[8:]
+    write_set(tmp_path, lines, good_lines("q", 2, 2))
+    dm = CovidxDataModule(root=str(tmp_path), train_dir="images", test_dir="images", image_size=16, val_fraction=0,
+                          seed=0, class_weights="balanced")
+    assert len(dm.dataset("train")) == 12 and len(dm.dataset("val")) == 0  # val_fraction=0: every image trains
+    assert torch.allclose(dm.class_weights(), torch.tensor([12 / 18, 12 / 6, 12 / 12]))
+    assert dm_for(tmp_path).class_weights() is None  # the default: plain cross-entropy
+    with pytest.raises(ConfigError, match="data.class_weights='inverse'"):
+        dm_for(tmp_path, class_weights="inverse")
+
+
 def test_patient_split_keeps_patients_whole():
     patients = ["a", "a", "b", "c", "c", "c", "d", "e"]
     tr, va = patient_split(patients, 0.4, seed=3)

@@ -3,6 +3,7 @@ classifier and its UAP applied to another folder (task=evaluate)."""
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import mlflow_runs, run_cli
 
@@ -12,7 +13,9 @@ pytestmark = pytest.mark.realdata
 @pytest.fixture(scope="module")
 def cxr3_runs(cxr3_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("cxr3")
-    args = ["data=cxr3", f"data.root={cxr3_root}", "trainer.enable_progress_bar=false",
+    # tiny_effnet, the grid's cheapest model (docs/results.md); timm's test_resnet (model=tiny) trained with
+    # cxr3's recipe is flipped by random noise at zeta 2 % about as often as by the UAP (0.51 vs 0.61)
+    args = ["data=cxr3", f"data.root={cxr3_root}", "model=tiny_effnet", "trainer.enable_progress_bar=false",
             "attack=sgd_uap", "attack.max_iter=3", "norm=linf", "zeta=2"]
     first = run_cli(args, root, timeout=900)
     second = run_cli(args, root, timeout=900)
@@ -30,23 +33,29 @@ def test_uap_fools_real_model_far_more_than_random(cxr3_runs):
     root, _, _ = cxr3_runs
     run = mlflow_runs(root).sort_values("start_time").iloc[0]
     fr, fr_rand = run["metrics.test_fr"], run["metrics.test_fr_random"]
-    # how noise-sensitive a from-scratch CNN is varies with its training run (random FR 0.01-0.26 seen at
-    # zeta 2 % on this model with 2 or 1 torch threads): the UAP must beat its control by a wide margin
+    # how noise-sensitive a from-scratch CNN is varies with its training run (random FR 0.02-0.05 over three
+    # seeds on this model at zeta 2 %, 0.16-0.32 for mobilenetv3): the UAP must beat its control by a wide margin
     assert fr >= 0.35 and fr >= fr_rand + 0.25, (fr, fr_rand)
     assert run["metrics.uap_norm"] <= run["metrics.eps"] * (1 + 1e-6)
 
 
 def test_real_run_is_logged_and_second_run_hits_the_cache(cxr3_runs):
     import mlflow
-    root, _, second = cxr3_runs
+    root, first_run, second = cxr3_runs
     runs = mlflow_runs(root).sort_values("start_time")
     assert list(runs["status"]) == ["FINISHED", "FINISHED"]
     assert list(runs["tags.classifier_cache"]) == ["trained", "hit"]
     assert "loaded from cache" in second.stderr + second.stdout
     first = runs.iloc[0]
     assert first["tags.choice.data"] == "cxr3" and first["params.data.crop_top"]
-    for m in ("val_acc", "test_acc", "test_sens_COVID-19", "test_ppv_normal", "train_fr", "test_fr_label"):
+    for m in ("test_acc", "test_sens_COVID-19", "test_ppv_normal", "train_fr", "test_fr_label"):
         assert 0 <= first[f"metrics.{m}"] <= 1, m
+    # cxr3's recipe: every training image trains (and is the UAP's input set), no validation split to choose
+    # an epoch on, the last epoch kept; a class-balanced loss
+    assert first["metrics.train_n"] == 1071 and pd.isna(first.get("metrics.val_n"))
+    log = first_run.stderr + first_run.stdout
+    assert "class weights {'normal': 0.952, 'pneumonia': 0.881, 'COVID-19': 1.227}" in log
+    assert "last epoch 16, no validation split" in log
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(first["run_id"])}
     assert {"confusion_classifier.png", "uap.npy", "uap.png", "examples.png", "hydra"} <= names
     history = mlflow.MlflowClient().get_metric_history(first["run_id"], "fit/train_loss_epoch")
@@ -77,12 +86,13 @@ def test_evaluate_applies_a_classifier_and_its_uap_to_another_folder(cxr3_runs, 
     uap = next((root / "outputs" / "runs").glob("*/*/uap.npy"))
     other = another_hospital(cxr3_root, tmp_path / "hospital_b")
     store = tmp_path / "store"
-    run_cli(["task=evaluate", "data=cxr3", f"data.root={other}", f"classifier_file={ckpt}", f"attack.uap_file={uap}",
+    run_cli(["task=evaluate", "data=cxr3", "model=tiny_effnet", f"data.root={other}", f"classifier_file={ckpt}",
+             f"attack.uap_file={uap}",
              "attack.project_uap_file=true", "norm=linf", "zeta=2", "trainer.enable_progress_bar=false"], store)
     run = mlflow_runs(store).iloc[0]
     assert run["status"] == "FINISHED" and run["tags.task"] == "evaluate" and run["tags.classifier_cache"] == "file"
     assert not (store / "outputs" / "cache" / "classifiers").exists()  # used as it is: nothing trained
-    assert run["metrics.test_n"] == 36 and run["metrics.train_n"] + run["metrics.val_n"] == 36
+    assert run["metrics.test_n"] == 36 and run["metrics.train_n"] == 36 and pd.isna(run.get("metrics.val_n"))
     for m in ("test_acc", "test_fr", "test_fr_random", "test_acc_uap"):
         assert 0 <= run[f"metrics.{m}"] <= 1, m
     assert run["metrics.uap_norm"] <= run["metrics.eps"] * (1 + 1e-6)
