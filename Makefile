@@ -8,6 +8,11 @@ PYTHON  := $(BIN)/python
 # (not HOST, which many shells set to the machine's name)
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
+# `make server`: the database of runs (SQLAlchemy URI: sqlite:///FILE, postgresql://USER:PASSWORD@HOST:PORT/DB for
+# many concurrent jobs), the folder of artifacts, and the server's request-handling processes
+MLFLOW_BACKEND   ?= sqlite:///mlflow.db
+MLFLOW_ARTIFACTS ?= ./mlartifacts
+MLFLOW_WORKERS   ?= 4
 ARGS    ?=
 WORKERS ?= 2    # `make test`: pytest processes (pytest-xdist), one torch thread each
 
@@ -17,9 +22,9 @@ WORKERS ?= 2    # `make test`: pytest processes (pytest-xdist), one torch thread
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install the package with its test and bench extras
+install:  ## create .venv and install the package with its test, bench and cluster extras
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,cluster]'
 	@$(PYTHON) -c "import torch, timm, pytorch_lightning, mlflow, hydra; print('installed: torch', torch.__version__, '| timm', timm.__version__, '| lightning', pytorch_lightning.__version__, '| mlflow', mlflow.__version__)"
 
 lint:  ## ruff (configured in pyproject.toml) over pipeline/ and tests/
@@ -62,8 +67,8 @@ ui:  ## MLflow UI on the local store; open the runs table it prints (the experim
 	@echo "runs table: http://$(MLFLOW_HOST):$(MLFLOW_PORT)/#/experiments/1/runs?viewStateShareKey=uap-cxr&workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
-server:  ## MLflow tracking server for parallel jobs (tracking=server); binds 127.0.0.1 unless MLFLOW_HOST=...
-	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+server:  ## MLflow tracking server for parallel jobs (tracking=server); MLFLOW_BACKEND=postgresql://... for many writers
+	$(BIN)/mlflow server --backend-store-uri '$(MLFLOW_BACKEND)' --artifacts-destination '$(MLFLOW_ARTIFACTS)' --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) $(ARGS)
 
 clean:  ## remove run outputs, caches and the local MLflow store (keeps .venv)
 	rm -rf outputs mlruns mlartifacts mlflow.db .pytest_cache lightning_logs

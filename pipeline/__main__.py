@@ -64,7 +64,7 @@ def record(status: str, error: str = "") -> None:
 
 
 def in_worker() -> bool:
-    """This process runs jobs for a sweep launched by another process (joblib workers)."""
+    """This process runs jobs for a sweep launched by another process (joblib workers, submitit jobs)."""
     from pipeline.sweep import LAUNCHER_ENV, launcher
     return os.environ.get(LAUNCHER_ENV, launcher()) != launcher()
 
@@ -89,6 +89,9 @@ def main(cfg: DictConfig) -> float | None:
 
     quiet_libraries()
     interrupt_on_sigterm()
+    if is_multirun():  # jobs side by side on this machine: each its share of the cores
+        from pipeline.sweep import set_job_threads
+        set_job_threads()
     metrics = guarded(run, cfg)
     return None if metrics is None else metrics.get("test_fr", metrics.get("test_acc"))
 
