@@ -47,13 +47,13 @@ def run_cli(args: list[str], root: Path, check: bool = True, timeout: int = 600,
     return proc
 
 
-def mlflow_runs(root: Path, experiment: str = "uap-cxr"):
-    """All runs of the store under `root`, as a pandas DataFrame; metric columns under the code's flat names
-    (`metrics.test_fr` for MLflow's `test/fr`, pipeline.tracking.flat_key)."""
+def mlflow_runs(root: Path | str, experiment: str = "uap-cxr"):
+    """All runs of the store under `root` (or of the tracking server at the URI `root`), as a pandas DataFrame;
+    metric columns under the code's flat names (`metrics.test_fr` for MLflow's `test/fr`, tracking.flat_key)."""
     import mlflow
 
     from pipeline.tracking import flat_key
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    mlflow.set_tracking_uri(root if str(root).startswith("http") else f"sqlite:///{root}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="", max_results=1000)
     return runs.rename(columns=lambda c: "metrics." + flat_key(c[8:]) if c.startswith("metrics.") else c)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF, ROOT, run_cli
+from conftest import CONF, ROOT, mlflow_runs, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -95,12 +95,6 @@ def server(tmp_path_factory):
         yield uri
 
 
-def server_runs(uri: str, experiment: str):
-    import mlflow
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_names=[experiment], max_results=1000)
-
-
 def job_logs(root: Path) -> list[str]:
     """The job logs (Hydra's `__main__.log` in each job folder) of the newest multirun under `root`: for
     submitit jobs the only place their output goes besides `.submitit/`."""
@@ -130,7 +124,7 @@ def test_a_sweep_of_parallel_processes_against_a_tracking_server(server, tmp_pat
     proc = run_cli([*args, *LAUNCHERS[first], "-m"], tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "1 of 3 jobs did not finish" in proc.stdout + proc.stderr
-    runs = server_runs(server, experiment)
+    runs = mlflow_runs(server, experiment)
     parents, kids = runs[runs["tags.role"] == "parent"], runs[runs["tags.mlflow.parentRunId"].notna()]
     assert len(parents) == 1 and len(kids) == 3 and len(runs) == 4
     parent = parents.iloc[0]
@@ -150,7 +144,7 @@ def test_a_sweep_of_parallel_processes_against_a_tracking_server(server, tmp_pat
     logs = job_logs(tmp_path)
     assert sum("skipped: this job's config already has a FINISHED run" in t for t in logs) == 2
     assert_threads(logs, rerun)
-    again = server_runs(server, experiment)
+    again = mlflow_runs(server, experiment)
     new = again[~again["run_id"].isin(runs["run_id"])]
     assert len(new) == 1 and new.iloc[0]["params.attack.uap_file"] == str(broken)
     assert (new.iloc[0]["status"], new.iloc[0]["tags.classifier_cache"]) == ("FINISHED", "hit")
@@ -259,7 +253,7 @@ def test_a_tracking_server_on_postgresql_takes_parallel_jobs(tmp_path):
     with postgres_database() as db, mlflow_server(db, tmp_path) as uri:
         run_cli([*QUICK, "zeta=2,4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "tracking=server",
                  f"tracking.uri={uri}", "-m"], tmp_path)
-        runs = server_runs(uri, "uap-cxr")
+        runs = mlflow_runs(uri)
         parents, kids = runs[runs["tags.role"] == "parent"], runs[runs["tags.mlflow.parentRunId"].notna()]
         assert len(parents) == 1 and len(kids) == 2 and set(runs["status"]) == {"FINISHED"}
         assert set(kids["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
