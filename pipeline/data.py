@@ -22,7 +22,7 @@ import psutil
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import ConfigError, DataError, instantiate
@@ -128,6 +128,8 @@ class CXRDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size}: expected an integer >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers}: expected an integer >= 0 (0: load in the main process)")
         if class_weights not in (None, "balanced"):
             raise ConfigError(f"data.class_weights={class_weights!r}: expected null or balanced")
 
@@ -156,10 +158,24 @@ class CXRDataModule(pl.LightningDataModule):
             return
         train_full, test = self.load_splits()
         tr, va = patient_split(train_full.patients, self.val_fraction, self.seed)
-        self.sets = {"train": train_full.subset(tr), "val": train_full.subset(va), "test": test}
+        sets = {"train": train_full.subset(tr), "val": train_full.subset(va), "test": test}
+        self.check_train_split(sets["train"], len(train_full))
+        self.sets = sets
         for name, ds in self.sets.items():
             counts = np.bincount(ds.labels.numpy(), minlength=self.num_classes).tolist()
             log.info("%s: %d images %s", name, len(ds), dict(zip(self.classes, counts)))
+
+    def check_train_split(self, train: GrayDataset, n_full: int) -> None:
+        """What data.val_fraction leaves for training must hold every class, and more than one image."""
+        counts = np.bincount(train.labels.numpy(), minlength=self.num_classes)
+        what = (f"data.val_fraction={self.val_fraction:g} leaves {len(train)} of the {n_full} training images "
+                f"for training")
+        if len(train) < 2:
+            raise DataError(f"{what}: expected at least 2; lower data.val_fraction")
+        missing = [c for c, n in zip(self.classes, counts) if n == 0]
+        if missing:
+            raise DataError(f"{what}, none of class {missing} (whole patients go to validation): lower "
+                            f"data.val_fraction or add images of {missing}")
 
     def class_weights(self) -> torch.Tensor | None:
         """The training loss's class weights: data.class_weights=balanced gives each class the same total weight
@@ -178,13 +194,16 @@ class CXRDataModule(pl.LightningDataModule):
         return self.sets[split]
 
     def loader(self, split: str, batch_size: int | None = None, shuffle: bool = False,
-               seed: int | None = None) -> DataLoader:
+               seed: int | None = None, drop_last: bool = False) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed) if shuffle else None
         return DataLoader(self.dataset(split), batch_size=batch_size or self.batch_size, shuffle=shuffle,
-                          generator=gen, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          generator=gen, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          drop_last=drop_last)
 
     def train_dataloader(self):
-        return self.loader("train", shuffle=True)
+        """Shuffled training batches. A last batch of one image is dropped (a different one each epoch):
+        BatchNorm cannot normalise a batch of one in training."""
+        return self.loader("train", shuffle=True, drop_last=len(self.dataset("train")) % self.batch_size == 1)
 
     def val_dataloader(self):
         return self.loader("val")
@@ -217,28 +236,45 @@ def read_label_file(path: Path, classes: Sequence[str]) -> list[Record]:
                         f"'patient_id filename class source')")
     records: list[Record] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8-sig", errors="replace") as fh:
-        for n, raw in enumerate(fh, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = line.split()
-            if len(fields) != 4:
-                raise DataError(f"{path}:{n}: expected 4 space-separated fields 'patient_id filename class source', "
-                                f"got {len(fields)}: {line[:120]!r}")
-            patient, filename, cls, source = fields
-            if cls not in classes:
-                raise DataError(f"{path}:{n}: unknown class {cls!r}; expected one of {list(classes)}")
-            p = Path(filename)
-            if p.is_absolute() or ".." in p.parts:
-                raise DataError(f"{path}:{n}: filename {filename!r} must be a relative path inside the image folder")
-            if filename in seen:
-                raise DataError(f"{path}:{n}: duplicate filename {filename!r} (first on line {seen[filename]})")
-            seen[filename] = n
-            records.append(Record(patient, filename, classes.index(cls), source, n))
+    for n, raw in enumerate(label_lines(path), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) != 4:
+            raise DataError(f"{path}:{n}: expected 4 space-separated fields 'patient_id filename class source', "
+                            f"got {len(fields)}: {line[:120]!r}")
+        patient, filename, cls, source = fields
+        if cls not in classes:
+            raise DataError(f"{path}:{n}: unknown class {cls!r}; expected one of {list(classes)}")
+        p = Path(filename)
+        if p.is_absolute() or ".." in p.parts:
+            raise DataError(f"{path}:{n}: filename {filename!r} must be a relative path inside the image folder")
+        if filename in seen:
+            raise DataError(f"{path}:{n}: duplicate filename {filename!r} (first on line {seen[filename]})")
+        seen[filename] = n
+        records.append(Record(patient, filename, classes.index(cls), source, n))
     if not records:
         raise DataError(f"label file is empty: {path} (expected lines 'patient_id filename class source')")
     return records
+
+
+def label_lines(path: Path) -> list[str]:
+    """The lines of a label file, decoded as UTF-8 (a BOM ignored); a line that is not UTF-8 is an error naming
+    the line, not text with replacement characters that later reads as a missing image."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read label file {path}: {e.strerror or e}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    lines = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                            f"save the label file as UTF-8") from None
+    return lines
 
 
 def to_gray8(im: Image.Image) -> Image.Image:
@@ -255,6 +291,16 @@ def to_gray8(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8))
 
 
+def upright(im: Image.Image, path: Path) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (a photo or JPEG stored rotated), so
+    that the top crop removes the top. Unreadable EXIF is warned about and the pixels kept as stored."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception as e:  # noqa: BLE001 - malformed EXIF in an otherwise readable image
+        log.warning("image %s: EXIF orientation unreadable (%s); using the pixels as stored", path, e)
+        return im
+
+
 def load_image(path: Path, crop_top: float, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The paper's preprocessing: grayscale, drop the top `crop_top` of the rows, resize to size x size.
     An image of more than `max_pixels` pixels is refused from its header, before it is decoded."""
@@ -267,7 +313,7 @@ def load_image(path: Path, crop_top: float, size: int, max_pixels: int = DEFAULT
                     raise DataError(f"image {path} is {w}x{h} = {w * h:_} pixels, more than "
                                     f"data.max_pixels={max_pixels:_}: downscale it or raise data.max_pixels")
                 im.load()
-                im = to_gray8(im)
+                im = to_gray8(upright(im, path))
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except Image.DecompressionBombError as e:
@@ -323,13 +369,22 @@ class CovidxDataModule(CXRDataModule):
         return records, folder
 
     def image_paths(self, split: str, records: list[Record], folder: Path) -> list[Path]:
-        """The resolved path of every image of a split; none may leave the image folder (symlinks)."""
-        root, paths = folder.resolve(), []
+        """The resolved path of every image of a split; none may leave the image folder (symlinks), none may be
+        listed twice under two spellings (`a.png`, `./a.png`, a link to it)."""
+        root, paths, seen = folder.resolve(), [], {}
+        label_file = self.root / self.files[split][0]
         for r in records:
-            path = (folder / r.filename).resolve()
+            try:
+                path = (folder / r.filename).resolve()
+            except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+                raise DataError(f"{label_file}:{r.line}: cannot resolve {r.filename!r}: {e}") from None
             if root not in path.parents:
-                raise DataError(f"{self.root / self.files[split][0]}:{r.line}: {r.filename!r} "
-                                f"escapes the image folder {folder}")
+                raise DataError(f"{label_file}:{r.line}: {r.filename!r} escapes the image folder {folder}")
+            if path in seen:
+                first = seen[path]
+                raise DataError(f"{label_file}:{r.line}: {r.filename!r} is the same image as {first.filename!r} "
+                                f"on line {first.line}: list each image once")
+            seen[path] = r
             paths.append(path)
         return paths
 
@@ -367,12 +422,16 @@ class CovidxDataModule(CXRDataModule):
         parts = []
         for split, (label_file, image_dir) in self.files.items():
             records, folder = self.read_split(split)
-            parts.append((self.root / label_file).read_bytes())
+            parts.append((self.root / label_file).read_bytes())  # readable: read_split has decoded it
             for r in records:
                 try:
                     st = os.stat(folder / r.filename)
                 except FileNotFoundError:
-                    raise DataError(f"image not found: {folder / r.filename}") from None
+                    raise DataError(f"{self.root / label_file}:{r.line}: image not found: {folder / r.filename}"
+                                    ) from None
+                except OSError as e:  # a symlink loop, a name too long, no permission...
+                    raise DataError(f"{self.root / label_file}:{r.line}: cannot read image {folder / r.filename}: "
+                                    f"{e.strerror or e}") from None
                 parts.append(f"{image_dir}/{r.filename} {st.st_size} {st.st_mtime_ns}".encode())
         return parts
 

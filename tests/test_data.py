@@ -72,7 +72,7 @@ def good_lines(prefix, n_per_class=4, patients_per_class=2):
 
 
 def dm_for(root, **kw):
-    return CovidxDataModule(root=str(root), train_dir="images", test_dir="images", image_size=16, val_fraction=0.3,
+    return CovidxDataModule(root=str(root), train_dir="images", test_dir="images", image_size=16, val_fraction=0.15,
                             seed=0, **kw)
 
 
@@ -81,7 +81,7 @@ def test_covidx_reader_parses_maps_classes_and_splits_by_patient(tmp_path):
     dm = dm_for(tmp_path)
     dm.setup()
     tr, va, te = dm.dataset("train"), dm.dataset("val"), dm.dataset("test")
-    assert len(tr) + len(va) == 12 and len(te) == 6
+    assert len(tr) + len(va) == 12 and len(te) == 6 and len(va) == 2  # one patient of 6
     assert te.labels.tolist() == [0, 0, 1, 1, 2, 2]  # COVIDx order normal, pneumonia, COVID-19
     assert set(tr.patients).isdisjoint(va.patients) and len(va) > 0
     assert tr.images.shape[1:] == (1, 16, 16) and tr.images.dtype == torch.uint8
@@ -130,6 +130,10 @@ def test_preprocessing_crops_the_top_sixth_and_resizes(tmp_path):
     ("not_an_image", "cannot read image"),
     ("truncated", "cannot read image"),
     ("class_absent", "no image of class ['pneumonia'] in the test split"),
+    ("symlink_loop", "train.txt:1: cannot"),  # the OS refuses the path (ELOOP)
+    ("not_utf8", "train.txt:2: not UTF-8 text (byte 0xe9 at column 2)"),
+    ("same_image_twice", "train.txt:13: './p_normal_0.png' is the same image as 'p_normal_0.png' on line 1"),
+    ("label_file_is_a_folder", "label file not found"),
 ])
 def test_bad_input_gives_one_clear_error(tmp_path, case, expect):
     train, test = good_lines("p"), good_lines("q", 2, 2)
@@ -162,12 +166,29 @@ def test_bad_input_gives_one_clear_error(tmp_path, case, expect):
         (root / "images" / "q_pneumonia_1.png").write_bytes(data[: len(data) // 2])
     elif case == "class_absent":
         (root / "test.txt").write_text("\n".join(line for line in test if " pneumonia " not in line))
+    elif case == "symlink_loop":
+        (root / "images" / "p_normal_0.png").unlink()
+        (root / "images" / "p_normal_0.png").symlink_to("p_normal_0.png")
+    elif case == "not_utf8":  # Latin-1: 'é' is one byte, not UTF-8
+        (root / "train.txt").write_bytes("\n".join([train[0], "p\xe9 p_normal_1.png normal src", *train[2:]])
+                                         .encode("latin-1"))
+    elif case == "same_image_twice":
+        (root / "train.txt").write_text("\n".join([*train, "p9 ./p_normal_0.png normal src"]))
+    elif case == "label_file_is_a_folder":
+        (root / "train.txt").unlink()
+        (root / "train.txt").mkdir()
+    dm = dm_for(root)
     with pytest.raises(DataError) as err:
-        dm_for(root).setup()
+        dm.fingerprint()  # taken before the run opens: the same clear error, or none, never a traceback
+        dm.setup()
     msg = str(err.value)
     assert expect in msg
     if case in ("missing_image", "not_an_image", "truncated"):
         assert "q_pneumonia_1.png" in msg
+    if case == "symlink_loop":  # reading the images, as setup does, says the same
+        assert "p_normal_0.png" in msg and "symbolic links" in msg
+        with pytest.raises(DataError, match="train.txt:1: cannot resolve 'p_normal_0.png'"):
+            dm_for(root).setup()
 
 
 def test_unset_root_is_a_config_error():
@@ -327,3 +348,44 @@ def test_fingerprint_of_cxr3_is_fast(cxr3_root):
     dt = time.perf_counter() - t
     print(f"cxr3 fingerprint {fp} in {dt:.3f} s")
     assert dt < 1
+
+
+@pytest.mark.parametrize("val_fraction, expect", [
+    (0.5, "none of class"),  # whole patients go to validation: here every normal one
+    (0.95, "0 of the 12 training images for training: expected at least 2"),
+])
+def test_a_validation_split_that_empties_training_or_a_class_is_refused(tmp_path, val_fraction, expect):
+    write_set(tmp_path, good_lines("p"), good_lines("q", 2, 2))
+    dm = CovidxDataModule(root=str(tmp_path), train_dir="images", test_dir="images", image_size=16,
+                          val_fraction=val_fraction, seed=0)
+    with pytest.raises(DataError, match=f"data.val_fraction={val_fraction:g} leaves .*{expect}"):
+        dm.setup()
+
+
+def test_num_workers_below_zero_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.num_workers=-1: expected an integer >= 0"):
+        phantom(0, num_workers=-1)
+
+
+@pytest.mark.parametrize("n_train, drops", [(33, True), (34, False), (32, False)])
+def test_a_last_training_batch_of_one_image_is_dropped(n_train, drops):
+    """BatchNorm cannot train on a batch of one image: 33 images at batch 32 drop the 33rd (a different one each
+    epoch); other remainders keep every image."""
+    dm = PhantomDataModule(image_size=16, n_train=n_train, n_test=6, val_fraction=0.0, batch_size=32)
+    sizes = [len(y) for _, y in dm.train_dataloader()]
+    assert sizes == ([32] if drops else [32] * (n_train // 32) + ([n_train % 32] if n_train % 32 else []))
+
+
+def test_exif_orientation_is_applied_before_the_top_crop(tmp_path):
+    """A JPEG stored on its side with an EXIF orientation tag is turned upright first, so the crop removes its
+    top rows (here a bright band) and not a side."""
+    upright = np.full((120, 90), 40, np.uint8)
+    upright[:20] = 250  # the top sixth
+    stored = np.ascontiguousarray(np.rot90(upright, -1))  # rotated 90 degrees clockwise: the band is on the right
+    exif = Image.Exif()
+    exif[0x0112] = 8  # orientation: rotate 90 degrees counter-clockwise to view
+    Image.fromarray(stored).save(tmp_path / "side.jpg", quality=95, exif=exif)
+    out = load_image(tmp_path / "side.jpg", 1 / 6, 30)
+    assert out.max() < 90, out.max()  # the band was cropped away
+    Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=95)  # the same pixels without the tag
+    assert load_image(tmp_path / "plain.jpg", 1 / 6, 30)[:, -3:].min() > 200  # the band stays, on the side
