@@ -32,7 +32,14 @@ def guarded(task, cfg: DictConfig):
     end-of-run block, and the sweep goes on."""
     multirun = is_multirun()
     try:
-        result = task(cfg)
+        try:
+            result = task(cfg)
+        except (OSError, RuntimeError) as e:  # a full disk wherever it struck (a figure, an artifact's copy)
+            from pipeline.files import is_disk_full
+            if is_disk_full(e):
+                raise UserError(f"no space left on the disk ({type(e).__name__}: {str(e)[:200]}): free some space, "
+                                "or set paths.root_dir to a folder on another disk") from None
+            raise
     except (UserError, OmegaConfBaseException) as e:
         # a user error: one clear line, no traceback (HYDRA_FULL_ERROR=1 shows it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1" and not multirun:

@@ -27,7 +27,7 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import progress
+from pipeline import files, progress
 from pipeline.data import data_fingerprint
 from pipeline.errors import ConfigError, UserError
 from pipeline.metrics import accuracy, class_metrics
@@ -195,11 +195,9 @@ def classifier_key(cfg: DictConfig, dm=None) -> str:
 
 
 def save_checkpoint(model: Classifier, path: Path, meta: dict) -> None:
-    """Atomic write (temp file + rename): a half-written checkpoint is never seen under its final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    os.replace(tmp, path)
+    """Atomic write (temp file + rename): a half-written checkpoint is never seen under its final name, and a
+    full disk is a one-line error (pipeline.files)."""
+    files.atomic_write(path, lambda tmp: torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp))
 
 
 def load_checkpoint(model: Classifier, path: Path) -> dict:
@@ -297,7 +295,7 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
                 "val_acc": best.best[0] if best.best else None, "train_seconds": round(time.time() - t0, 1),
                 "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "image_size": dm.image_size}
         save_checkpoint(model, ckpt, meta)
-        (entry / "config.json").write_text(json.dumps(defining_config(cfg, dm), indent=2, default=str))
+        files.write_json(entry / "config.json", defining_config(cfg, dm), indent=2, default=str)
         kept = (f"best val_acc {meta['val_acc']:.3f} at epoch {best.epoch + 1}" if best.best
                 else f"last epoch {trainer.current_epoch}, no validation split")
         log.info("classifier trained in %.0f s (%s), cached at %s", meta["train_seconds"], kept, ckpt)

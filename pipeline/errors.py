@@ -13,6 +13,10 @@ class ConfigError(UserError):
     """A config value is out of range or unknown."""
 
 
+class StorageError(UserError):
+    """A file could not be written (a full disk, a folder that cannot be written) or a store stayed busy."""
+
+
 def instantiate(config, **kwargs):
     """hydra.utils.instantiate, except that a user error raised by the class (a ConfigError naming its key)
     surfaces as itself rather than wrapped in Hydra's InstantiationException."""

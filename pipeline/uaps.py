@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline import files
 from pipeline.attack import UAP, new_attack, zeta_to_eps
 from pipeline.attack.initializer import check_budget, load_uap_file
 from pipeline.data import CXRDataModule, GrayDataset
@@ -172,9 +172,5 @@ def write_entry(entry: Path, atk: UAP, uap: torch.Tensor, seconds: float) -> Non
     best = None if atk.best is None else {"fr": atk.best["fr"], "from": atk.best["from"]}
     meta = {"history": atk.history, "best": best, "seconds": seconds, "eps": atk.eps, "name": atk.name,
             "made_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = entry / f".uap.{os.getpid()}.npy"
-    np.save(tmp, uap[0].numpy().astype(np.float32))
-    os.replace(tmp, entry / "uap.npy")
-    tmp = entry / f".meta.{os.getpid()}.json"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, entry / "meta.json")
+    files.write_npy(entry / "uap.npy", uap[0].numpy().astype(np.float32))
+    files.write_json(entry / "meta.json", meta, indent=1)
