@@ -54,6 +54,9 @@ def validate(cfg: DictConfig) -> None:
     new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
     if cfg.get("defense"):
         check_defense(cfg.defense)
+    busy = cfg.tracking.get("busy_timeout")
+    if busy is not None and (not isinstance(busy, (int, float)) or isinstance(busy, bool) or busy <= 0):
+        raise ConfigError(f"tracking.busy_timeout={busy!r}: expected a number of seconds > 0")
     check_min_zeta(cfg.min_zeta)
 
 

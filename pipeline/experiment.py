@@ -3,7 +3,6 @@ measurements tasks share: the classifier's, and a UAP's against its random contr
 imports no task (pipeline/tasks.py)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -16,10 +15,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import MLFlowLogger
 
-from pipeline import plots, sweep, tracking
+from pipeline import files, plots, sweep, tracking
 from pipeline.attack import lp_norms, random_control
-from pipeline.classifier import Classifier, classifier_key, train_or_load
+from pipeline.classifier import Classifier, classifier_key, load_classifier_file, train_or_load
 from pipeline.config import validate
 from pipeline.data import CXRDataModule
 from pipeline.errors import ConfigError, instantiate
@@ -64,15 +64,36 @@ def output_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def mlflow_logger(run_id: str, cfg: DictConfig):
-    from pytorch_lightning.loggers import MLFlowLogger
-    return MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=run_id)
+class JobLogger(MLFlowLogger):
+    """Lightning's MLflow logger writing the training curves into the job's own run, which it never ends.
+    Lightning's own ends the run it is handed (`finalize` -> FINISHED) when training ends, before the attack
+    has run: a job killed then would be left FINISHED without its result. The job closes its run itself, when
+    its last metric and artifact are logged (tracking.start_run)."""
+
+    def finalize(self, status: str = "success") -> None:
+        pass  # no checkpoints to upload (enable_checkpointing=False), and the run stays open
+
+
+def mlflow_logger(run_id: str) -> JobLogger:
+    return JobLogger(tracking_uri=tracking.mlflow.get_tracking_uri(), run_id=run_id)
+
+
+@dataclass
+class Results:
+    """What a step of a task measured and made: kept in the run folder at once (metrics.json, its files) and
+    logged to MLflow at the job's end, so that a store that fails then (locked past its busy timeout) loses
+    nothing. `curves`: a metric's value per step (the search's input FR per pass)."""
+    metrics: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 @dataclass
 class Job:
     """What every task gets: its config, the data, the classifier, its output folder, device, MLflow run and
-    the metrics so far (clean accuracy); a task adds its own metrics to `metrics`."""
+    the metrics so far (clean accuracy); a task adds what it measures with `add`."""
     cfg: DictConfig
     dm: CXRDataModule
     model: Classifier
@@ -80,6 +101,33 @@ class Job:
     device: torch.device
     run_id: str
     metrics: dict = field(default_factory=dict)
+    pending: list[Results] = field(default_factory=list)
+
+    def add(self, results: Results | dict) -> None:
+        """Add a step's results: its metrics written to the run folder's metrics.json now, all of it logged at
+        the job's end."""
+        results = results if isinstance(results, Results) else Results(metrics=dict(results))
+        self.metrics.update(results.metrics)
+        self.pending.append(results)
+        self.write_metrics()
+
+    def write_metrics(self) -> Path:
+        return files.write_json(self.out / "metrics.json", self.metrics, indent=2, sort_keys=True)
+
+    def log_results(self, model_id: str | None) -> None:
+        """Everything `add`ed, then the metrics (also on the classifier's model page) and metrics.json."""
+        for r in self.pending:
+            if r.params:
+                tracking.mlflow.log_params(r.params)
+            if r.tags:
+                tracking.mlflow.set_tags(r.tags)
+            for name, points in r.curves.items():
+                for step, value in points:
+                    tracking.log_metrics({name: value}, step=step)
+            for f in r.files:
+                tracking.log_artifact(f)
+        tracking.log_metrics(self.metrics, model_id=model_id)
+        tracking.log_artifact(self.write_metrics())
 
 
 @contextmanager
@@ -91,9 +139,28 @@ def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> It
     validate(cfg)
     device = device_for(cfg)
     dm: CXRDataModule = instantiate(cfg.data)  # one instance: its data fingerprint is taken once, for every key
+    # a classifier_file that cannot be used fails here, before a run opens
+    loaded = load_classifier_file(cfg, dm) if cfg.get("classifier_file") else None
+    files.check_writable(cfg.paths.cache_dir, "paths.cache_dir")
     out = output_dir(cfg)
     name, long_name = run_names(cfg, task)
     tags = {**run_tags(cfg, dm), "long_name": long_name}
+    try:
+        with run_job(cfg, dm, device, out, (name, tags, parent_run_id), loaded) as job:
+            yield job
+    except Exception as e:
+        if tracking.is_busy(e):  # the store stayed locked past its busy timeout: say so, and where the results are
+            raise tracking.busy_error(cfg.tracking, out) from None
+        raise
+
+
+@contextmanager
+def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path, run: tuple[str, dict, str | None],
+            loaded: tuple | None) -> Iterator[Job]:
+    """The MLflow run of `open_job` (`run`: its name, tags and parent): the classifier (`loaded` from
+    classifier_file, or trained / from the cache) and its metrics, the task, then the results: in the run
+    folder first, then logged; the run ends FINISHED only after its last metric and artifact."""
+    name, tags, parent_run_id = run
     with tracking.start_run(cfg, run_name=name, tags=tags, parent_run_id=parent_run_id) as mlrun:
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir():
@@ -102,7 +169,7 @@ def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> It
         dm.setup()
         if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
-        model, meta = train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id, cfg))
+        model, meta = loaded or train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id))
         tracking.mlflow.set_tag("classifier_cache", meta.get("source") or ("hit" if meta["cache_hit"] else "trained"))
         tracking.mlflow.set_tag("classifier_path", meta["path"])
         model_id = None
@@ -111,10 +178,9 @@ def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> It
         job = Job(cfg, dm, model, out, device, mlrun.info.run_id, classifier_metrics(model, dm, out, device))
         tracking.log_metrics(job.metrics)  # logged now: an interrupted attack keeps them
         yield job
-        tracking.log_metrics(job.metrics, model_id=model_id)  # also listed on the classifier's model page
-        (out / "metrics.json").write_text(json.dumps(job.metrics, indent=2, sort_keys=True))
-        tracking.log_artifact(out / "metrics.json")
+        job.write_metrics()  # the results in the run folder first: a store failing now loses none of them
         log.info("%s", summary(cfg, job.metrics, dm.classes))
+        job.log_results(model_id)
         log.info("MLflow run %s in %s: `make ui`, then %s; files in %s", mlrun.info.run_id, cfg.tracking.uri,
                  tracking.ui_url(mlrun.info.experiment_id, mlrun.info.run_id), out)
 
@@ -171,46 +237,44 @@ def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str,
     return metrics
 
 
-def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> dict[str, float]:
-    """Make (or load) the UAP on the input set, evaluate it and its random control on train and test."""
+def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> Results:
+    """Make (or load) the UAP on the input set, evaluate it and its random control on train and test; the UAP
+    (uap.npy) and the figures are written to `out` before anything is logged."""
     if cfg.attack.get("uap_file"):
         atk, _ = build_attack(cfg, dm, net)
         uap, seconds = load_saved_uap(cfg, dm), 0.0
     else:
         atk, uap, seconds = make_uap(cfg, dm, net, device)
+    uap_file = files.write_npy(out / "uap.npy", uap[0].numpy().astype(np.float32))
     passes = atk.passes
-    tracking.mlflow.log_params({"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": atk.n_inputs})
+    results = Results(params={"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": atk.n_inputs},
+                      curves={"uap_fr_input": [(h["pass"], h["fr"]) for h in atk.history if h["pass"] > 0]})
     if atk.best is not None:  # keep: best / candidates: where the returned UAP came from
-        tracking.mlflow.set_tag("uap_best_from", atk.best["from"])
+        results.tags["uap_best_from"] = atk.best["from"]
     rnd = random_control(uap, atk.eps, atk.norm, cfg.seed)
     metrics = {"eps": atk.eps, "zeta": atk.zeta, "uap_norm": lp_norms(uap[None], atk.norm).item(),
                "random_norm": lp_norms(rnd[None], atk.norm).item(), "uap_seconds": seconds, "uap_passes": passes}
-    for h in atk.history:
-        if h["pass"] > 0:
-            tracking.log_metrics({"uap_fr_input": h["fr"]}, step=h["pass"])
     preds = {}
     for split in ("train", "test"):
         ds = dm.dataset(split)
         preds[split] = predict(net, ds, {"clean": None, "uap": uap, "random": rnd}, clip=atk.clip, device=device)
         metrics.update(attack_metrics(split, ds.labels, preds[split], dm.classes, atk.target))
     metrics.update(input_metrics(cfg, dm, net, uap, atk, preds["train"], device))
-    np.save(out / "uap.npy", uap[0].numpy().astype(np.float32))
     title = (f"{'targeted ' + atk.target_name if atk.targeted else 'non-targeted'} UAP, {atk.norm}, "
              f"zeta={atk.zeta:g}% (eps={atk.eps:.4g})")
-    files = [out / "uap.npy", plots.plot_uap(uap[0].numpy(), out / "uap.png",
+    made = [uap_file, plots.plot_uap(uap[0].numpy(), out / "uap.png",
                                              f"{cfg.model.get('name') or cfg.model.arch}: {title}")]
     test = dm.dataset("test")
     p = preds["test"]
-    files.append(plots.plot_examples(test.images[:8].float() / 255, uap[0], test.labels[:8], p["clean"][:8],
+    made.append(plots.plot_examples(test.images[:8].float() / 255, uap[0], test.labels[:8], p["clean"][:8],
                                      p["uap"][:8], dm.classes, out / "examples.png", clip=atk.clip, n=6,
                                      title=f"{cfg.model.get('name') or cfg.model.arch}: {title}, test images"))
     for kind in ("clean", "uap", "random"):
         conf = confusion(test.labels, p[kind], dm.num_classes)
-        files.append(plots.plot_confusion(conf, dm.classes, out / f"confusion_{kind}.png",
-                                          f"{cfg.model.get('name') or cfg.model.arch}, test, {kind}\n{title}"))
-    for f in files:
-        tracking.log_artifact(f)
-    return metrics
+        made.append(plots.plot_confusion(conf, dm.classes, out / f"confusion_{kind}.png",
+                                         f"{cfg.model.get('name') or cfg.model.arch}, test, {kind}\n{title}"))
+    results.metrics, results.files = metrics, made
+    return results
 
 
 def input_metrics(cfg: DictConfig, dm: CXRDataModule, net, uap, atk, train_preds, device) -> dict[str, float]:

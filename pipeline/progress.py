@@ -82,3 +82,6 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    # MLflow logs every database error with its traceback before raising it; the job reports it in one line
+    # (a store locked past tracking.busy_timeout) or raises it with its traceback
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

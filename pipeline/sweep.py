@@ -72,15 +72,71 @@ def parent_run_id() -> str | None:
     return os.environ.get(PARENT_ENV) or None
 
 
+def result_keys(run) -> list[str]:
+    """The metrics a run of its task must hold for its result to be complete: those the report and the sweep
+    summary read (clean accuracy; a UAP's test FR, or TSR when targeted, and its random control; ...)."""
+    task = run.data.tags.get("task") or run.data.params.get("task")
+    keys = ["test_acc"] if task != "transfer" else []
+    if task in ("attack", "evaluate", "defense"):
+        key = "tsr" if tracking.run_target(run) else "fr"
+        keys += [f"test_{key}", f"test_{key}_random", f"train_{key}", "eps"]
+    if task == "defense":
+        keys.append("defense_acc_clean_after")
+    if task == "min_zeta":
+        keys.append("min_zeta")
+    return keys
+
+
+def complete(run) -> bool:
+    """A run is a done job only when FINISHED with its whole result (`result_keys`): a run that says FINISHED
+    without it (one closed early, as Lightning's logger once did after training) is redone."""
+    metrics = tracking.flat_metrics(run.data.metrics)
+    return run.info.status == "FINISHED" and all(k in metrics for k in result_keys(run))
+
+
 def finished_run(experiment_id: str, jhash: str, sweep_name: str | None) -> str | None:
-    """The id of a FINISHED run with this job hash in the same sweep (by name), if the store has one.
+    """The id of a FINISHED run with this job hash and its whole result in the same sweep (by name), if the
+    store has one.
 
     Scoped to the sweep so that its report (`--sweep NAME`) finds every job: a job done in another sweep
     is run again rather than left out."""
     filt = f"tags.job_hash = '{jhash}' and attributes.status = 'FINISHED'"
     filt += f" and tags.sweep = '{sweep_name}'" if sweep_name else " and tags.sweep IS NULL"
-    runs = mlflow.search_runs([experiment_id], filter_string=filt, max_results=1, output_format="list")
-    return runs[0].info.run_id if runs else None
+    runs = mlflow.search_runs([experiment_id], filter_string=filt, max_results=100, output_format="list")
+    return next((r.info.run_id for r in runs if complete(r)), None)
+
+
+def close_dead_runs(experiment_id: str, parent_id: str, launcher_alive=None) -> int:
+    """Mark KILLED the parent's children still RUNNING whose launching process is gone (its `sweep_launcher`
+    tag names a process of this host that no longer runs, or a later one under the same pid): a job killed
+    with SIGKILL, out of memory or by a time limit never closed its run. Returns how many."""
+    launcher_alive = launcher_alive or launcher_is_alive
+    client = mlflow.MlflowClient()
+    filt = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
+    runs = mlflow.search_runs([experiment_id], output_format="list", max_results=10000, filter_string=filt)
+    closed = 0
+    for r in runs:
+        tag = r.data.tags.get("sweep_launcher")
+        if tag and not launcher_alive(tag, r.info.start_time / 1000):
+            client.set_tag(r.info.run_id, "error", f"killed: its process ({tag}) ended without closing the run")
+            client.set_terminated(r.info.run_id, "KILLED")
+            closed += 1
+    if closed:
+        log.warning("%d run(s) of this sweep were left RUNNING by a process that is gone: marked KILLED", closed)
+    return closed
+
+
+def launcher_is_alive(tag: str, since: float) -> bool:
+    """The process `host:pid` runs and started before `since` (epoch seconds); processes on other hosts are
+    assumed to run."""
+    host, _, pid = tag.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    import psutil
+    try:
+        return psutil.Process(int(pid)).create_time() <= since + 1
+    except psutil.Error:
+        return False
 
 
 def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
@@ -91,12 +147,13 @@ def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
     jobs: dict[str, Any] = {}
     for r in runs:
         key = r.data.tags.get("job_hash", r.info.run_id)
-        if key not in jobs or jobs[key].info.status not in DONE:
+        if key not in jobs or not complete(jobs[key]):
             jobs[key] = r
     rows = []
     for r in jobs.values():
         p = r.data.params
-        row = {"run_id": r.info.run_id, "status": r.info.status, "overrides": r.data.tags.get("overrides", ""),
+        status = "FINISHED" if complete(r) else "INCOMPLETE" if r.info.status == "FINISHED" else r.info.status
+        row = {"run_id": r.info.run_id, "status": status, "overrides": r.data.tags.get("overrides", ""),
                "model": tracking.model_name(r), "norm": p.get("attack.norm"), "zeta": p.get("attack.zeta"),
                "target": tracking.run_target(r)}
         metrics = tracking.flat_metrics(r.data.metrics)
@@ -395,6 +452,7 @@ class MLflowParentRun(Callback):
         with State.lock:
             State.run_id = self.open_parent(config, shash, overrides, sweep_params)
             others = register(State.registry, add=True)
+            close_dead_runs(State.experiment_id, State.run_id)
         if others:
             log.info("another process runs this sweep too (pid %s): jobs it has claimed are waited for, not redone",
                      ", ".join(str(e["pid"]) for e in others))
@@ -433,6 +491,10 @@ class MLflowParentRun(Callback):
             return
         out = Path(config.hydra.sweep.dir)
         out.mkdir(parents=True, exist_ok=True)
+        # this process's jobs are all done: a child of it still RUNNING lost its process (a worker killed by the
+        # OOM killer); another process's running children are left to it
+        close_dead_runs(State.experiment_id, State.run_id,
+                        lambda tag, since: tag != launcher() and launcher_is_alive(tag, since))
         outcomes = job_outcomes(out)
         block = failure_block(State.name, outcomes)
         State.exit_code = 1 if block else 0

@@ -89,7 +89,7 @@ def train(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
 @task
 def attack(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
     with open_job(cfg, "attack", parent_run_id) as job:
-        job.metrics.update(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
+        job.add(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
         return job.metrics
 
 
@@ -98,22 +98,22 @@ def evaluate(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
     if not cfg.attack.get("uap_file"):
         raise ConfigError("task=evaluate: attack.uap_file is not set (expected the .npy of a saved UAP)")
     with open_job(cfg, "evaluate", parent_run_id) as job:
-        job.metrics.update(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
+        job.add(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
         return job.metrics
 
 
 @task
 def defense(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
     with open_job(cfg, "defense", parent_run_id) as job:
-        job.metrics.update(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
-        job.metrics.update(run_defense(cfg, job.dm, job.model, job.out, job.device))
+        job.add(evaluate_uap(cfg, job.dm, job.model.net, job.out, job.device))
+        job.add(run_defense(cfg, job.dm, job.model, job.out, job.device))
         return job.metrics
 
 
 @task
 def min_zeta(cfg: DictConfig, parent_run_id: str | None = None) -> dict:
     with open_job(cfg, "min_zeta", parent_run_id) as job:
-        job.metrics.update(search(cfg, job.dm, job.model.net, job.out, job.device, job.run_id))
+        job.add(search(cfg, job.dm, job.model.net, job.out, job.device, job.run_id))
         return job.metrics
 
 

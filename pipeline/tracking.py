@@ -17,7 +17,8 @@ import mlflow
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import UserError
+from pipeline import files
+from pipeline.errors import StorageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,52 @@ def check_reachable(uri: str) -> None:
                         f"Start one with `make server`, or use the default tracking=sqlite") from None
 
 
+def db_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (its query, `?timeout=...`, left out); None for another store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def store_uri(uri: str, busy_timeout: float | None = None) -> str:
+    """The URI MLflow is given. A SQLite store waits up to `busy_timeout` seconds for a lock that another process
+    holds (sqlite3's own default is 5 s, after which every call fails with `database is locked`); a URI that
+    already sets `timeout=` and other stores are kept as they are."""
+    if db_file(uri) is None or not busy_timeout or "timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={float(busy_timeout):g}"
+
+
+def store_identity(uri: str) -> str:
+    """What names one store whatever the working folder or the spelling: a SQLite file's resolved path, a
+    server's URI. Anything a cache keeps about a store is keyed by it."""
+    db = db_file(uri)
+    return f"sqlite:///{db.expanduser().resolve()}" if db is not None else uri.rstrip("/")
+
+
+def is_busy(e: BaseException) -> bool:
+    """The store stayed locked by another process longer than the busy timeout (`database is locked`)."""
+    while e is not None:
+        if "database is locked" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def busy_error(tracking: DictConfig, folder: Path | None = None) -> StorageError:
+    kept = f"; this job's results so far are in {folder} (metrics.json, uap.npy)" if folder else ""
+    return StorageError(f"MLflow store {tracking.uri} stayed locked by another process for more than "
+                        f"tracking.busy_timeout={tracking.get('busy_timeout')} s (database is locked){kept}: "
+                        "rerun the same command when the store is free, or raise tracking.busy_timeout")
+
+
 def store_lock(uri: str) -> contextlib.AbstractContextManager:
     """A file lock beside a SQLite store: MLflow creates and migrates its tables on first use, and two
     processes doing so at once corrupt a new store (`table _alembic_tmp_... already exists`). A server
     serialises this itself."""
-    if not uri.startswith("sqlite:///"):
+    db = db_file(uri)
+    if db is None:
         return contextlib.nullcontext()
-    db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(db) + ".lock")
 
@@ -98,7 +138,16 @@ def setup(tracking: DictConfig) -> str:
     The store's first use (creating or migrating its tables) and the experiment's creation happen under
     `store_lock`, so jobs started at the same moment in a fresh folder neither race nor fail."""
     check_reachable(tracking.uri)
-    mlflow.set_tracking_uri(tracking.uri)
+    mlflow.set_tracking_uri(store_uri(tracking.uri, tracking.get("busy_timeout")))
+    try:
+        return open_experiment(tracking)
+    except Exception as e:
+        if is_busy(e):
+            raise busy_error(tracking) from None
+        raise
+
+
+def open_experiment(tracking: DictConfig) -> str:
     with store_lock(tracking.uri):
         exp = mlflow.get_experiment_by_name(tracking.experiment)
         if exp is None:
@@ -139,15 +188,30 @@ def start_run(cfg: DictConfig, run_name: str | None = None, tags: dict | None = 
         mlflow.log_params(config_params(cfg))
         yield run
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C / SIGTERM (Lightning turns them into SystemExit)
-        mlflow.set_tag("error", f"interrupted ({type(e).__name__}: {e})")
-        mlflow.end_run("KILLED")
+        close_run("KILLED", f"interrupted ({type(e).__name__}: {e})", e)
         raise
     except BaseException as e:
-        mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-        mlflow.end_run("FAILED")
+        close_run("FAILED", f"{type(e).__name__}: {e}"[:5000], e)
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def close_run(status: str, error: str, cause: BaseException) -> None:
+    """End the active run with `status` and its `error` tag; where the store itself fails (still locked past
+    the busy timeout) the run is left open (a resumed sweep closes it) and the original error goes on."""
+    if is_busy(cause):  # every call to the store would wait out the timeout again: forget the run here only
+        from mlflow.tracking import fluent
+        with contextlib.suppress(Exception):
+            fluent._active_run_stack.get().pop()
+        return
+    try:
+        mlflow.set_tag("error", error)
+        mlflow.end_run(status)
+    except Exception as e:  # noqa: BLE001 - the store's own failure must not hide the job's
+        log.warning("could not mark the MLflow run %s (%s: %s)", status, type(e).__name__, str(e)[:200])
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status)  # at least forget it in this process
 
 
 def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
@@ -155,14 +219,18 @@ def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
     architecture, loadable with `mlflow.pytorch.load_model`) and registered as `uap-cxr-<model name>`, one
     version per trained classifier; a cached one is logged once per store (the first run that uses it there).
     The run is tagged with the model's URI, its registered version and the id of the run that logged it; the
-    link is kept in the cache entry (`mlflow.json`, by store)."""
-    uri = mlflow.get_tracking_uri()
+    link is kept in the cache entry (`mlflow.json`, keyed by the store's absolute identity, and used only when
+    that store still holds the model: a store deleted and made anew at the same path does not)."""
+    uri = store_identity(mlflow.get_tracking_uri())
     run_id = mlflow.active_run().info.run_id
     writable = os.access(cache_entry, os.W_OK)  # a classifier_file in a read-only folder: no link kept there
     with FileLock(str(cache_entry / ".mlflow.lock")) if writable else contextlib.nullcontext():
         path = cache_entry / "mlflow.json"
         links = json.loads(path.read_text()) if path.is_file() else {}
         info = links.get(uri)
+        if info is not None and not trained and not in_store(info):
+            log.info("the classifier's MLflow model %s is not in this store: logging it again", info.get("model_id"))
+            info = None
         if info is None or trained:
             import timm
             import torch
@@ -181,10 +249,22 @@ def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
                     "registered": f"models:/{name}/{logged.registered_model_version}"}
             links[uri] = info
             if writable:
-                path.write_text(json.dumps(links, indent=1))
+                files.write_json(path, links, indent=1)
     mlflow.set_tags({"classifier_run_id": info["run_id"], "classifier_model": info["model_uri"],
                      "classifier_registered": info["registered"]})
     return info
+
+
+def in_store(info: dict) -> bool:
+    """The run and the logged model a cache entry's link names exist in the current store."""
+    client = mlflow.MlflowClient()
+    try:
+        client.get_run(info["run_id"])
+        if info.get("model_id"):
+            client.get_logged_model(info["model_id"])
+        return True
+    except Exception:  # noqa: BLE001 - not found (or a link of another form): log the model anew
+        return False
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:

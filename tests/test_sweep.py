@@ -147,7 +147,8 @@ def test_resume_is_scoped_to_the_sweep_and_to_the_code_version(tmp_path, monkeyp
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = mlflow.create_experiment("e")
     with mlflow.start_run(experiment_id=exp) as run:
-        mlflow.set_tags({"job_hash": jhash, "sweep": "targets"})
+        mlflow.set_tags({"job_hash": jhash, "sweep": "targets", "task": "train"})
+        mlflow.log_metric("classifier/test_acc", 0.9)  # a train job's whole result
     assert sweep.finished_run(exp, jhash, "targets") == run.info.run_id
     assert sweep.finished_run(exp, jhash, "paper") is None
     assert sweep.finished_run(exp, jhash, None) is None
