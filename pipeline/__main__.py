@@ -34,11 +34,14 @@ def guarded(task, cfg: DictConfig):
     try:
         try:
             result = task(cfg)
-        except (OSError, RuntimeError) as e:  # a full disk wherever it struck (a figure, an artifact's copy)
-            from pipeline.files import is_disk_full
-            if is_disk_full(e):
-                raise UserError(f"no space left on the disk ({type(e).__name__}: {str(e)[:200]}): free some space, "
-                                "or set paths.root_dir to a folder on another disk") from None
+        except UserError:
+            raise
+        except Exception as e:  # a full disk or a locked store wherever it struck: one line too
+            from pipeline import files, tracking
+            if files.is_disk_full(e):
+                raise files.write_error(cfg.paths.root_dir, e) from None
+            if tracking.is_busy(e):
+                raise tracking.busy_error(cfg.tracking) from None
             raise
     except (UserError, OmegaConfBaseException) as e:
         # a user error: one clear line, no traceback (HYDRA_FULL_ERROR=1 shows it)

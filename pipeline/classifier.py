@@ -35,8 +35,9 @@ from pipeline.metrics import accuracy, class_metrics
 log = logging.getLogger(__name__)
 
 # bumped when a code change alters what training produces, so that older cache entries are not reused
-# (2: best-validation weights taken after the module's epoch-end hook)
-CACHE_VERSION = 2
+# (2: best-validation weights taken after the module's epoch-end hook; 3: EXIF orientation applied, a last
+# training batch of one image dropped)
+CACHE_VERSION = 3
 # config keys that do not change the trained weights, left out of the cache key
 NON_DEFINING = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary", "epochs",
                 "name"}  # model.name: a display name

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -250,9 +251,10 @@ def read_label_file(path: Path, classes: Sequence[str]) -> list[Record]:
         p = Path(filename)
         if p.is_absolute() or ".." in p.parts:
             raise DataError(f"{path}:{n}: filename {filename!r} must be a relative path inside the image folder")
-        if filename in seen:
-            raise DataError(f"{path}:{n}: duplicate filename {filename!r} (first on line {seen[filename]})")
-        seen[filename] = n
+        name = posixpath.normpath(filename)  # a.png and ./a.png are one file (links: image_paths)
+        if name in seen:
+            raise DataError(f"{path}:{n}: duplicate filename {filename!r} (first on line {seen[name]})")
+        seen[name] = n
         records.append(Record(patient, filename, classes.index(cls), source, n))
     if not records:
         raise DataError(f"label file is empty: {path} (expected lines 'patient_id filename class source')")

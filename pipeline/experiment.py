@@ -43,6 +43,7 @@ def run_tags(cfg: DictConfig, dm: CXRDataModule | None = None) -> dict[str, str]
     tags = {"config_hash": classifier_key(cfg, dm), "job_hash": sweep.job_hash(cfg, dm), "task": cfg.task}
     if cfg.get("sweep_name"):
         tags["sweep"] = cfg.sweep_name
+    tags["process"] = sweep.launcher()  # the process running it: a resumed sweep closes a run whose process is gone
     if os.environ.get(sweep.LAUNCHER_ENV):  # which process launched it (an interrupted sweep closes its own)
         tags["sweep_launcher"] = os.environ[sweep.LAUNCHER_ENV]
     try:
@@ -68,7 +69,16 @@ class JobLogger(MLFlowLogger):
     """Lightning's MLflow logger writing the training curves into the job's own run, which it never ends.
     Lightning's own ends the run it is handed (`finalize` -> FINISHED) when training ends, before the attack
     has run: a job killed then would be left FINISHED without its result. The job closes its run itself, when
-    its last metric and artifact are logged (tracking.start_run)."""
+    its last metric and artifact are logged (tracking.start_run). A store locked past its busy timeout costs
+    a point of the curves (warned), never the training."""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as e:
+            if not tracking.is_busy(e):
+                raise
+            log.warning("training curves: step %s not logged, the MLflow store is locked by another process", step)
 
     def finalize(self, status: str = "success") -> None:
         pass  # no checkpoints to upload (enable_checkpointing=False), and the run stays open
@@ -146,7 +156,7 @@ def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> It
     name, long_name = run_names(cfg, task)
     tags = {**run_tags(cfg, dm), "long_name": long_name}
     try:
-        with run_job(cfg, dm, device, out, (name, tags, parent_run_id), loaded) as job:
+        with run_job(cfg, dm, device, out, name=name, tags=tags, parent_run_id=parent_run_id, loaded=loaded) as job:
             yield job
     except Exception as e:
         if tracking.is_busy(e):  # the store stayed locked past its busy timeout: say so, and where the results are
@@ -155,12 +165,11 @@ def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> It
 
 
 @contextmanager
-def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path, run: tuple[str, dict, str | None],
-            loaded: tuple | None) -> Iterator[Job]:
-    """The MLflow run of `open_job` (`run`: its name, tags and parent): the classifier (`loaded` from
-    classifier_file, or trained / from the cache) and its metrics, the task, then the results: in the run
-    folder first, then logged; the run ends FINISHED only after its last metric and artifact."""
-    name, tags, parent_run_id = run
+def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path, *, name: str, tags: dict,
+            parent_run_id: str | None, loaded: tuple | None) -> Iterator[Job]:
+    """The MLflow run of `open_job`: the classifier (`loaded` from classifier_file, or trained / from the cache)
+    and its metrics, the task, then the results: in the run folder first, then logged; the run ends FINISHED
+    only after its last metric and artifact."""
     with tracking.start_run(cfg, run_name=name, tags=tags, parent_run_id=parent_run_id) as mlrun:
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir():
@@ -177,7 +186,15 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
             model_id = tracking.log_classifier(model, Path(meta["path"]).parent, not meta["cache_hit"])["model_id"]
         job = Job(cfg, dm, model, out, device, mlrun.info.run_id, classifier_metrics(model, dm, out, device))
         tracking.log_metrics(job.metrics)  # logged now: an interrupted attack keeps them
-        yield job
+        try:
+            yield job
+        except BaseException as e:  # a later step failed or was interrupted: what the earlier ones made is logged
+            if job.pending and not tracking.is_busy(e):
+                try:
+                    job.log_results(model_id)
+                except Exception as log_error:  # noqa: BLE001 - the task's own error is the one to report
+                    log.warning("could not log the results so far (%s); they are in %s", log_error, out)
+            raise
         job.write_metrics()  # the results in the run folder first: a store failing now loses none of them
         log.info("%s", summary(cfg, job.metrics, dm.classes))
         job.log_results(model_id)

@@ -17,15 +17,18 @@ from pipeline.errors import ConfigError, StorageError
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space left, quota exceeded, file too large
 
 
-# torch.save's own errors when the file cannot take its bytes (`PytorchStreamWriter failed writing file`,
-# `[enforce fail at inline_container.cc] unexpected pos`): it does not say why
-TORCH_WRITE = ("PytorchStreamWriter", "inline_container", "failed writing file")
+# what a failed write says where it gives no errno: torch.save (`PytorchStreamWriter failed writing file`,
+# `[enforce fail at inline_container.cc] unexpected pos`), SQLite (`database or disk is full`)
+FULL_TEXT = ("PytorchStreamWriter failed writing", "unexpected pos", "database or disk is full")
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """An OSError of a full disk (or a file over its size limit), or torch's error for a failed write."""
-    return (isinstance(e, OSError) and e.errno in FULL) or (
-        isinstance(e, RuntimeError) and any(m in str(e) for m in TORCH_WRITE))
+def is_disk_full(e: BaseException | None) -> bool:
+    """A full disk (or a file over its size limit) anywhere in the error's chain of causes."""
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in FULL) or any(m in str(e) for m in FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def write_error(path: Path, e: BaseException) -> StorageError:
@@ -73,12 +76,20 @@ def write_npy(path: Path | str, array) -> Path:
 
 
 def check_writable(folder: Path | str, key: str) -> None:
-    """`folder` exists (or can be made) and a file can be written in it; else a ConfigError naming `key`."""
-    folder = Path(folder).expanduser()
+    """A file can be written in `folder`, or in the folder that would hold it; else a ConfigError naming `key`.
+    Nothing is created: an existing folder gets a temporary file, a missing one its nearest existing parent's
+    permissions checked."""
+    folder = Path(folder).expanduser().absolute()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if folder.is_dir():
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            return
+        parent = next(p for p in folder.parents if p.exists())  # the root always exists
+        if folder.exists() or not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{folder if folder.exists() else parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"{parent} cannot be written")
     except OSError as e:
         raise ConfigError(f"{key}={folder}: cannot write there ({e.strerror or e}): expected a folder this "
                           f"user can write") from None

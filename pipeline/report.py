@@ -35,13 +35,14 @@ import numpy as np  # noqa: E402
 
 from pipeline.metrics import wilson
 from pipeline.tables import TARGET_ORDER, assign_groups, group_key, group_label, headline, sort_key, write_tables
-from pipeline.tracking import flat_metrics, model_name, run_target
+from pipeline.tracking import complete, flat_metrics, model_name, run_target, store_uri
 
 log = logging.getLogger("pipeline.report")
 
 
 def select_runs(experiment: str, sweep: str | None) -> list:
-    """FINISHED attack runs of the experiment (or of one sweep); the newest per identical job config."""
+    """FINISHED attack runs of the experiment (or of one sweep) with their whole result; the newest per identical
+    job config."""
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"report: no experiment {experiment!r} in {mlflow.get_tracking_uri()}")
@@ -56,7 +57,6 @@ def select_runs(experiment: str, sweep: str | None) -> list:
     # metric names that hold a slash or a class name stay dict keys instead of mangled column names
     runs = mlflow.search_runs([exp.experiment_id], filter_string=filt, output_format="list", max_results=50000,
                               order_by=["attributes.start_time DESC"])
-    from pipeline.sweep import complete
     partial = [r for r in runs if not complete(r)]
     if partial:  # FINISHED without their result (closed early): left out, their jobs rerun on the sweep's resume
         log.warning("report: %d FINISHED run(s) lack their result metrics and are left out (e.g. %s)", len(partial),
@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: ./mlflow.db)")
+    ap.add_argument("--busy-timeout", type=float, default=300,
+                    help="seconds to wait for a SQLite store another process holds (default 300)")
     ap.add_argument("--experiment", default="uap-cxr", help="MLflow experiment name (default: uap-cxr)")
     ap.add_argument("--sweep", default=None, help="a sweep's parent run id or sweep name (default: all runs)")
     ap.add_argument("--out", default="outputs/report", help="output folder (default: outputs/report)")
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded figure
-    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_tracking_uri(store_uri(args.tracking_uri, args.busy_timeout))  # waits while a job holds the store
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [row_of(r) for r in select_runs(args.experiment, args.sweep)]

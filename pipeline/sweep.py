@@ -37,7 +37,7 @@ from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import tracking
+from pipeline import files, tracking
 
 log = logging.getLogger(__name__)
 
@@ -72,28 +72,6 @@ def parent_run_id() -> str | None:
     return os.environ.get(PARENT_ENV) or None
 
 
-def result_keys(run) -> list[str]:
-    """The metrics a run of its task must hold for its result to be complete: those the report and the sweep
-    summary read (clean accuracy; a UAP's test FR, or TSR when targeted, and its random control; ...)."""
-    task = run.data.tags.get("task") or run.data.params.get("task")
-    keys = ["test_acc"] if task != "transfer" else []
-    if task in ("attack", "evaluate", "defense"):
-        key = "tsr" if tracking.run_target(run) else "fr"
-        keys += [f"test_{key}", f"test_{key}_random", f"train_{key}", "eps"]
-    if task == "defense":
-        keys.append("defense_acc_clean_after")
-    if task == "min_zeta":
-        keys.append("min_zeta")
-    return keys
-
-
-def complete(run) -> bool:
-    """A run is a done job only when FINISHED with its whole result (`result_keys`): a run that says FINISHED
-    without it (one closed early, as Lightning's logger once did after training) is redone."""
-    metrics = tracking.flat_metrics(run.data.metrics)
-    return run.info.status == "FINISHED" and all(k in metrics for k in result_keys(run))
-
-
 def finished_run(experiment_id: str, jhash: str, sweep_name: str | None) -> str | None:
     """The id of a FINISHED run with this job hash and its whole result in the same sweep (by name), if the
     store has one.
@@ -103,20 +81,20 @@ def finished_run(experiment_id: str, jhash: str, sweep_name: str | None) -> str 
     filt = f"tags.job_hash = '{jhash}' and attributes.status = 'FINISHED'"
     filt += f" and tags.sweep = '{sweep_name}'" if sweep_name else " and tags.sweep IS NULL"
     runs = mlflow.search_runs([experiment_id], filter_string=filt, max_results=100, output_format="list")
-    return next((r.info.run_id for r in runs if complete(r)), None)
+    return next((r.info.run_id for r in runs if tracking.complete(r)), None)
 
 
 def close_dead_runs(experiment_id: str, parent_id: str, launcher_alive=None) -> int:
-    """Mark KILLED the parent's children still RUNNING whose launching process is gone (its `sweep_launcher`
-    tag names a process of this host that no longer runs, or a later one under the same pid): a job killed
-    with SIGKILL, out of memory or by a time limit never closed its run. Returns how many."""
+    """Mark KILLED the parent's children still RUNNING whose process is gone (its `process` tag, else its
+    `sweep_launcher`, names a process of this host that no longer runs, or a later one under the same pid): a
+    job killed with SIGKILL, out of memory or by a time limit never closed its run. Returns how many."""
     launcher_alive = launcher_alive or launcher_is_alive
     client = mlflow.MlflowClient()
     filt = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
     runs = mlflow.search_runs([experiment_id], output_format="list", max_results=10000, filter_string=filt)
     closed = 0
     for r in runs:
-        tag = r.data.tags.get("sweep_launcher")
+        tag = r.data.tags.get("process") or r.data.tags.get("sweep_launcher")
         if tag and not launcher_alive(tag, r.info.start_time / 1000):
             client.set_tag(r.info.run_id, "error", f"killed: its process ({tag}) ended without closing the run")
             client.set_terminated(r.info.run_id, "KILLED")
@@ -147,12 +125,12 @@ def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
     jobs: dict[str, Any] = {}
     for r in runs:
         key = r.data.tags.get("job_hash", r.info.run_id)
-        if key not in jobs or not complete(jobs[key]):
+        if key not in jobs or not tracking.complete(jobs[key]):
             jobs[key] = r
     rows = []
     for r in jobs.values():
         p = r.data.params
-        status = "FINISHED" if complete(r) else "INCOMPLETE" if r.info.status == "FINISHED" else r.info.status
+        status = "FINISHED" if tracking.complete(r) else "INCOMPLETE" if r.info.status == "FINISHED" else r.info.status
         row = {"run_id": r.info.run_id, "status": status, "overrides": r.data.tags.get("overrides", ""),
                "model": tracking.model_name(r), "norm": p.get("attack.norm"), "zeta": p.get("attack.zeta"),
                "target": tracking.run_target(r)}
@@ -222,8 +200,8 @@ def record_job(status: str, error: str = "") -> None:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / STATUS_FILE).write_text(json.dumps({"num": hc.job.num, "overrides": " ".join(hc.overrides.task),
-                                               "status": status, "error": error[:2000]}))
+    files.write_json(out / STATUS_FILE, {"num": hc.job.num, "overrides": " ".join(hc.overrides.task),
+                                         "status": status, "error": error[:2000]})
 
 
 def job_outcomes(sweep_dir: Path) -> list[dict]:
@@ -346,11 +324,14 @@ def alive(entry: dict) -> bool:
 def register(registry: Path, add: bool) -> list[dict]:
     """Add or remove this process in the sweep's registry (under its lock); the others still alive."""
     import psutil
-    entries = json.loads(registry.read_text()) if registry.is_file() else []
+    try:
+        entries = json.loads(registry.read_text()) if registry.is_file() else []
+    except ValueError:  # unreadable (written by an older version, not atomically): the live processes re-register
+        entries = []
     others = [e for e in entries if e["pid"] != os.getpid() or e["host"] != socket.gethostname()]
     others = [e for e in others if alive(e)]
     me = {"host": socket.gethostname(), "pid": os.getpid(), "created": psutil.Process().create_time()}
-    registry.write_text(json.dumps(others + [me] if add else others))
+    files.write_json(registry, others + [me] if add else others)
     return others
 
 
@@ -438,6 +419,7 @@ class MLflowParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.errors import UserError
         try:
+            files.check_writable(config.paths.cache_dir, "paths.cache_dir")  # the sweep's locks live there
             State.experiment_id = tracking.setup(config.tracking)
         except UserError as e:  # e.g. tracking=server with no server: before any job starts
             log.error("%s", e)

@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import sweep, tracking
+from pipeline import files, sweep, tracking
 from pipeline.config import validate
 from pipeline.defense import run_defense
 from pipeline.errors import ConfigError, UserError
@@ -73,6 +73,7 @@ def run(cfg: DictConfig) -> dict:
     parent_run_id = sweep.parent_run_id()
     if not parent_run_id:
         return fn(cfg, None)
+    files.check_writable(cfg.paths.cache_dir, "paths.cache_dir")  # the job's claim is a lock file there
     with sweep.claim(cfg, tracking.setup(cfg.tracking)) as done:
         if done:
             log.info("skipped: this job's config already has a FINISHED run (%s)", done)

@@ -263,7 +263,9 @@ def in_store(info: dict) -> bool:
         if info.get("model_id"):
             client.get_logged_model(info["model_id"])
         return True
-    except Exception:  # noqa: BLE001 - not found (or a link of another form): log the model anew
+    except Exception as e:  # not found (or a link of another form): log the model anew
+        if is_busy(e):
+            raise
         return False
 
 
@@ -322,6 +324,28 @@ def run_target(run) -> str | None:
     """A run's UAP target class, None for a non-targeted UAP (MLflow holds a null param as "None")."""
     target = run.data.params.get("attack.target")
     return None if target in (None, "None", "null", "") else target
+
+
+def result_keys(run) -> list[str]:
+    """The metrics a run of its task must hold for its result to be complete: those the report and the sweep
+    summary read (clean accuracy; a UAP's test FR, or TSR when targeted, and its random control; ...)."""
+    task = run.data.tags.get("task") or run.data.params.get("task")
+    keys = ["test_acc"] if task != "transfer" else []
+    if task in ("attack", "evaluate", "defense"):
+        key = "tsr" if run_target(run) else "fr"
+        keys += [f"test_{key}", f"test_{key}_random", f"train_{key}", "eps"]
+    if task == "defense":
+        keys.append("defense_acc_clean_after")
+    if task == "min_zeta":
+        keys.append("min_zeta")
+    return keys
+
+
+def complete(run) -> bool:
+    """A run is a done job only when FINISHED with its whole result (`result_keys`): a run that says FINISHED
+    without it (one closed early, as Lightning's logger once did after training) is redone."""
+    metrics = flat_metrics(run.data.metrics)
+    return run.info.status == "FINISHED" and all(k in metrics for k in result_keys(run))
 
 
 def flat_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

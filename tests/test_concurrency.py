@@ -105,9 +105,14 @@ def test_the_sweep_summary_counts_a_job_once(tmp_path):
     exp = mlflow.create_experiment("e")
     client = mlflow.MlflowClient()
     parent = client.create_run(exp).info.run_id
-    for job, status in (("a", "KILLED"), ("a", "FINISHED"), ("b", "FAILED"), ("c", "FINISHED"), ("c", "FAILED")):
-        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "job_hash": job, "overrides": job})
+    for job, status in (("a", "KILLED"), ("a", "FINISHED"), ("b", "FAILED"), ("c", "FINISHED"), ("c", "FAILED"),
+                        ("d", "FINISHED")):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "job_hash": job, "overrides": job,
+                                           "task": "train"})
+        if job != "d":  # d: FINISHED without its result (closed early)
+            client.log_metric(run.info.run_id, "classifier/test_acc", 0.9)
         client.set_terminated(run.info.run_id, status)
         time.sleep(0.01)
     rows = sweep.summary_rows(exp, parent)
-    assert [(r["overrides"], r["status"]) for r in rows] == [("a", "FINISHED"), ("b", "FAILED"), ("c", "FINISHED")]
+    assert [(r["overrides"], r["status"]) for r in rows] == [("a", "FINISHED"), ("b", "FAILED"), ("c", "FINISHED"),
+                                                             ("d", "INCOMPLETE")]

@@ -132,7 +132,8 @@ def test_preprocessing_crops_the_top_sixth_and_resizes(tmp_path):
     ("class_absent", "no image of class ['pneumonia'] in the test split"),
     ("symlink_loop", "train.txt:1: cannot"),  # the OS refuses the path (ELOOP)
     ("not_utf8", "train.txt:2: not UTF-8 text (byte 0xe9 at column 2)"),
-    ("same_image_twice", "train.txt:13: './p_normal_0.png' is the same image as 'p_normal_0.png' on line 1"),
+    ("same_image_twice", "train.txt:13: duplicate filename './p_normal_0.png' (first on line 1)"),
+    ("same_image_by_a_link", "train.txt:13: 'link.png' is the same image as 'p_normal_0.png' on line 1"),
     ("label_file_is_a_folder", "label file not found"),
 ])
 def test_bad_input_gives_one_clear_error(tmp_path, case, expect):
@@ -174,6 +175,9 @@ def test_bad_input_gives_one_clear_error(tmp_path, case, expect):
                                          .encode("latin-1"))
     elif case == "same_image_twice":
         (root / "train.txt").write_text("\n".join([*train, "p9 ./p_normal_0.png normal src"]))
+    elif case == "same_image_by_a_link":
+        (root / "images" / "link.png").symlink_to("p_normal_0.png")
+        (root / "train.txt").write_text("\n".join([*train, "p9 link.png normal src"]))
     elif case == "label_file_is_a_folder":
         (root / "train.txt").unlink()
         (root / "train.txt").mkdir()

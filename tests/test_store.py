@@ -90,7 +90,7 @@ def test_a_finished_run_without_its_result_is_not_a_done_job(tmp_path):
         mlflow.set_tags({"job_hash": "j1", "sweep": "s", "task": "attack"})
         tracking.log_metrics({"test_acc": 0.9, "test_fr": 0.5, "test_fr_random": 0.1, "train_fr": 0.6, "eps": 0.01})
     assert sweep.finished_run(exp, "j1", "s") == full.info.run_id
-    assert not sweep.complete(mlflow.get_run(early.info.run_id))
+    assert not tracking.complete(mlflow.get_run(early.info.run_id))
 
 
 def test_a_run_left_running_by_a_dead_process_is_closed_killed(tmp_path):
