@@ -1,11 +1,11 @@
 """Reliability: interrupted runs keep what they logged, bad cache files are rebuilt, clear errors early."""
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,12 +58,14 @@ def test_interrupted_run_is_killed_and_keeps_what_was_logged(tmp_path, sig, when
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other_model"])
-def test_a_bad_cache_entry_is_detected_and_rebuilt(phantom_model, tmp_path, damage):
-    cfg, dm, model = phantom_model
-    key = classifier_key(cfg)
-    entry = tmp_path / "outputs" / "cache" / "classifiers" / key
-    shutil.copytree(os.path.join(cfg.paths.cache_dir, "classifiers", key), entry)
-    ckpt = entry / "classifier.pt"
+def test_a_bad_cache_entry_is_detected_and_rebuilt(tmp_path, damage):
+    from pipeline.errors import instantiate
+    cfg = make_cfg([*FAST, "trainer.max_epochs=2"], tmp_path)  # what is checked is the cache, not the classifier
+    dm = instantiate(cfg.data)
+    dm.setup()
+    model, meta = train_or_load(cfg, dm)
+    ckpt = Path(meta["path"])
+    assert meta["cache_hit"] is False and ckpt.parent.name == classifier_key(cfg, dm)
     if damage == "garbage":
         ckpt.write_bytes(b"not a checkpoint")
     elif damage == "truncated":
@@ -73,7 +75,7 @@ def test_a_bad_cache_entry_is_detected_and_rebuilt(phantom_model, tmp_path, dama
         from pipeline.classifier import new_classifier, save_checkpoint
         net = new_classifier(other, dm.classes)
         save_checkpoint(net, ckpt, {"arch": net.arch, "classes": net.classes})
-    cfg2 = make_cfg(FAST, tmp_path)
+    cfg2 = make_cfg([*FAST, "trainer.max_epochs=2"], tmp_path)
     rebuilt, meta = train_or_load(cfg2, dm)
     assert meta["cache_hit"] is False
     assert torch.load(ckpt, weights_only=True)["meta"]["arch"] == "test_resnet"

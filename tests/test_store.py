@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from test_reliability import start, wait_for
 from pipeline import tracking
 
 QUICK = ["trainer=fast", "trainer.max_epochs=2", "data.n_train=120", "data.n_test=60"]
-LONG_ATTACK = ["attack.max_iter=40", "attack.delta=0"]  # long enough to be interrupted while it runs
+SHORT_ATTACK = ["attack.max_iter=8", "attack.delta=0"]  # a few passes: the job is killed as its search starts
 
 
 def hold_lock(db, seconds: float) -> subprocess.Popen:
@@ -51,10 +50,9 @@ def copy_of(root, to):
 
 
 def test_a_job_killed_after_training_is_not_finished_and_the_resumed_sweep_redoes_it(tmp_path):
-    args = [*QUICK, *LONG_ATTACK, "zeta=1,2", "-m"]
+    args = [*QUICK, *SHORT_ATTACK, "zeta=1,2", "-m"]
     proc = start(args, tmp_path)
-    wait_for(proc, "fgsm_uap: eps=")  # the classifier is trained and logged; the first UAP search runs
-    time.sleep(1)
+    wait_for(proc, "fgsm_uap: eps=")  # the classifier is trained and logged; the first UAP search starts
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     runs = mlflow_runs(tmp_path)
@@ -141,7 +139,7 @@ def test_a_busy_store_is_waited_for_at_the_start_and_at_the_end(trained, tmp_pat
     copy_of(trained, tmp_path)  # the store and the classifier exist
     # locked from before the job starts for longer than its imports and sqlite3's default 5 s wait
     holder = hold_lock(tmp_path / "mlflow.db", 14)
-    proc = start([*QUICK, "attack.max_iter=3"], tmp_path)
+    proc = start([*QUICK, *SHORT_ATTACK], tmp_path)
     wait_for(proc, "fgsm_uap: eps=")
     holder.wait(timeout=30)
     holder = hold_lock(tmp_path / "mlflow.db", 12)  # and again as the short search ends: its results wait
@@ -154,7 +152,7 @@ def test_a_busy_store_is_waited_for_at_the_start_and_at_the_end(trained, tmp_pat
 
 def test_a_store_busy_past_its_timeout_is_one_line_and_the_results_stay_in_the_run_folder(trained, tmp_path):
     copy_of(trained, tmp_path)
-    proc = start([*QUICK, *LONG_ATTACK, "tracking.busy_timeout=2"], tmp_path)
+    proc = start([*QUICK, *SHORT_ATTACK, "tracking.busy_timeout=2"], tmp_path)
     wait_for(proc, "fgsm_uap: eps=")
     holder = hold_lock(tmp_path / "mlflow.db", 120)
     try:

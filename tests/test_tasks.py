@@ -1,5 +1,6 @@
 """Beyond the attack: UAP adversarial fine-tuning, the transferability matrix, the minimal zeta."""
 import json
+import shutil
 
 import mlflow
 import numpy as np
@@ -16,7 +17,22 @@ def history(run_id, key):
     return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, mlflow_key(key))}
 
 
-def test_defense_lowers_the_fresh_uap_fooling_rate_and_keeps_accuracy(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The classifier cache with the FAST tiny classifier, trained once for this module."""
+    root = tmp_path_factory.mktemp("tasks")
+    run_cli([*FAST, "task=train"], root)
+    return root / "outputs" / "cache"
+
+
+def with_cache(cache, root):
+    """`root` (a fresh store) starting from a copy of the module's classifier cache."""
+    shutil.copytree(cache, root / "outputs" / "cache")
+    return root
+
+
+def test_defense_lowers_the_fresh_uap_fooling_rate_and_keeps_accuracy(cache, tmp_path):
+    with_cache(cache, tmp_path)
     run_cli([*FAST, *ATTACK, "defense=uap_finetune", "defense.rounds=2", "defense.epochs=10"], tmp_path)
     run = mlflow_runs(tmp_path).iloc[0]
     acc, fresh = history(run["run_id"], "defense_acc_clean"), history(run["run_id"], "defense_fr_fresh")
@@ -28,7 +44,8 @@ def test_defense_lowers_the_fresh_uap_fooling_rate_and_keeps_accuracy(tmp_path):
     assert {"defense.png", "defense_classifier.pt"} <= names
 
 
-def test_transfer_matrix_shape_range_and_white_box_diagonal(tmp_path):
+def test_transfer_matrix_shape_range_and_white_box_diagonal(cache, tmp_path):
+    with_cache(cache, tmp_path)
     models = ["tiny", "tiny_effnet"]
     proc = run_cli([*FAST, *ATTACK, f"transfer.models=[{','.join(models)}]"],
                    tmp_path, module="pipeline.transfer")
@@ -48,7 +65,8 @@ def test_transfer_matrix_shape_range_and_white_box_diagonal(tmp_path):
         assert single["metrics.test_fr"] == pytest.approx(matrix[i, i], abs=1e-9), model
 
 
-def test_min_zeta_meets_the_target_and_zeta_minus_tol_does_not(tmp_path):
+def test_min_zeta_meets_the_target_and_zeta_minus_tol_does_not(cache, tmp_path):
+    with_cache(cache, tmp_path)
     run_cli([*FAST, *ATTACK, "task=min_zeta", "min_zeta.target_fr=0.5", "min_zeta.low=0.5", "min_zeta.high=8",
              "min_zeta.tol=0.5"], tmp_path)
     runs = mlflow_runs(tmp_path)
