@@ -8,13 +8,12 @@ grow with zeta; the probes' table shows where it does not.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from pipeline import tracking
+from pipeline import files, tracking
 from pipeline.evaluate import predict
 from pipeline.metrics import attack_rate
 
@@ -70,9 +69,9 @@ def search(cfg: DictConfig, dm, net, out: Path, device, parent_run_id: str) -> d
     result = {"min_zeta": met[0] if met else float("nan"),
               "min_zeta_below": max((z for z in missed if not met or z < met[0]), default=float("nan")),
               "min_zeta_probes": len(probes), "min_zeta_target_fr": target_fr}
-    (out / "min_zeta_probes.json").write_text(json.dumps(
-        {"target_fr": target_fr, "tol": tol, "probes": [{"zeta": z, "fr": fr} for z, fr in sorted(probes.items())],
-         **result}, indent=1))
+    files.write_json(out / "min_zeta_probes.json", {
+        "target_fr": target_fr, "tol": tol, "probes": [{"zeta": z, "fr": fr} for z, fr in sorted(probes.items())],
+        **result}, indent=1)
     tracking.log_artifact(out / "min_zeta_probes.json")
     log.info("min_zeta: smallest zeta reaching test FR %.2f: %s%% "
              "(largest probe below it that missed: %s%%; %d probes)",

@@ -11,7 +11,6 @@ random control on each model. One MLflow run with the matrix as CSV and heatmap 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -33,7 +32,7 @@ def model_config(name: str) -> DictConfig:
 
 
 def run_transfer(cfg: DictConfig) -> dict:
-    from pipeline import plots, tracking
+    from pipeline import files, plots, tracking
     from pipeline.attack import random_control
     from pipeline.classifier import train_or_load
     from pipeline.config import validate
@@ -83,7 +82,7 @@ def run_transfer(cfg: DictConfig) -> dict:
                                 f"UAP transferability: test {key} ({cfg.attack.norm}, zeta={cfg.attack.zeta}%)",
                                 "evaluated on", "UAP made on")
         result = {"models": names, "metric": key, "matrix": matrix.tolist(), "random": random_row}
-        (out / "transfer.json").write_text(json.dumps(result, indent=1))
+        files.write_json(out / "transfer.json", result, indent=1)
         for f in (out / "transfer.csv", png, out / "transfer.json"):
             tracking.log_artifact(f)
         tracking.log_metrics({f"transfer_{key.lower()}_{s}_to_{d}": matrix[i, j]
