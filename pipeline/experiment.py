@@ -43,7 +43,6 @@ def run_tags(cfg: DictConfig, dm: CXRDataModule | None = None) -> dict[str, str]
     tags = {"config_hash": classifier_key(cfg, dm), "job_hash": sweep.job_hash(cfg, dm), "task": cfg.task}
     if cfg.get("sweep_name"):
         tags["sweep"] = cfg.sweep_name
-    tags["process"] = sweep.launcher()  # the process running it: a resumed sweep closes a run whose process is gone
     if os.environ.get(sweep.LAUNCHER_ENV):  # which process launched it (an interrupted sweep closes its own)
         tags["sweep_launcher"] = os.environ[sweep.LAUNCHER_ENV]
     try:

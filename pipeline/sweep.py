@@ -84,39 +84,6 @@ def finished_run(experiment_id: str, jhash: str, sweep_name: str | None) -> str 
     return next((r.info.run_id for r in runs if tracking.complete(r)), None)
 
 
-def close_dead_runs(experiment_id: str, parent_id: str, launcher_alive=None) -> int:
-    """Mark KILLED the parent's children still RUNNING whose process is gone (its `process` tag, else its
-    `sweep_launcher`, names a process of this host that no longer runs, or a later one under the same pid): a
-    job killed with SIGKILL, out of memory or by a time limit never closed its run. Returns how many."""
-    launcher_alive = launcher_alive or launcher_is_alive
-    client = mlflow.MlflowClient()
-    filt = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
-    runs = mlflow.search_runs([experiment_id], output_format="list", max_results=10000, filter_string=filt)
-    closed = 0
-    for r in runs:
-        tag = r.data.tags.get("process") or r.data.tags.get("sweep_launcher")
-        if tag and not launcher_alive(tag, r.info.start_time / 1000):
-            client.set_tag(r.info.run_id, "error", f"killed: its process ({tag}) ended without closing the run")
-            client.set_terminated(r.info.run_id, "KILLED")
-            closed += 1
-    if closed:
-        log.warning("%d run(s) of this sweep were left RUNNING by a process that is gone: marked KILLED", closed)
-    return closed
-
-
-def launcher_is_alive(tag: str, since: float) -> bool:
-    """The process `host:pid` runs and started before `since` (epoch seconds); processes on other hosts are
-    assumed to run."""
-    host, _, pid = tag.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    import psutil
-    try:
-        return psutil.Process(int(pid)).create_time() <= since + 1
-    except psutil.Error:
-        return False
-
-
 def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
     """One row per job (by job hash) among the parent's children: its FINISHED run if it has one (a job
     KILLED and later redone counts once, as finished), else its latest run."""
@@ -168,7 +135,7 @@ def write_summary(rows: list[dict], path: Path) -> Path:
 # --------------------------------------------------------------------------- jobs
 
 def launcher() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return tracking.this_process()
 
 
 def job_lock(cfg: DictConfig, jhash: str) -> FileLock:
@@ -434,7 +401,7 @@ class MLflowParentRun(Callback):
         with State.lock:
             State.run_id = self.open_parent(config, shash, overrides, sweep_params)
             others = register(State.registry, add=True)
-            close_dead_runs(State.experiment_id, State.run_id)
+            tracking.close_dead_runs(State.experiment_id, State.run_id)
         if others:
             log.info("another process runs this sweep too (pid %s): jobs it has claimed are waited for, not redone",
                      ", ".join(str(e["pid"]) for e in others))
@@ -475,8 +442,8 @@ class MLflowParentRun(Callback):
         out.mkdir(parents=True, exist_ok=True)
         # this process's jobs are all done: a child of it still RUNNING lost its process (a worker killed by the
         # OOM killer); another process's running children are left to it
-        close_dead_runs(State.experiment_id, State.run_id,
-                        lambda tag, since: tag != launcher() and launcher_is_alive(tag, since))
+        tracking.close_dead_runs(State.experiment_id, State.run_id,
+                                 lambda tag, since: tag != launcher() and tracking.process_alive(tag, since))
         outcomes = job_outcomes(out)
         block = failure_block(State.name, outcomes)
         State.exit_code = 1 if block else 0

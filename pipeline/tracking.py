@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -179,7 +180,9 @@ def start_run(cfg: DictConfig, run_name: str | None = None, tags: dict | None = 
     Whatever was logged before the failure stays in the store.
     """
     exp_id = setup(cfg.tracking)
-    all_tags = {"git_commit": git_commit(), **(tags or {})}
+    close_dead_runs(exp_id)
+    # `process`: the process running it, so that a run it never closes (SIGKILL, the OOM killer) is closed later
+    all_tags = {"git_commit": git_commit(), "process": this_process(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags, nested=parent_run_id is not None,
@@ -195,6 +198,43 @@ def start_run(cfg: DictConfig, run_name: str | None = None, tags: dict | None = 
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_alive(tag: str, since: float) -> bool:
+    """The process `host:pid` runs and started before `since` (epoch seconds; a later process under the same pid
+    is another); processes on other hosts are assumed to run."""
+    host, _, pid = tag.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    import psutil
+    try:
+        return psutil.Process(int(pid)).create_time() <= since + 1
+    except psutil.Error:
+        return False
+
+
+def close_dead_runs(experiment_id: str, parent_id: str | None = None, alive=process_alive) -> int:
+    """Mark KILLED the runs still RUNNING (of one parent, or of the whole experiment) whose process is gone: its
+    `process` tag (else, for a sweep's child, its `sweep_launcher`) names a process of this host that no longer
+    runs. A job killed with SIGKILL, out of memory or by a time limit never closed its run; the next run in the
+    store, or the sweep's resume, closes it. Returns how many."""
+    client = mlflow.MlflowClient()
+    filt = "attributes.status = 'RUNNING'" + (f" and tags.mlflow.parentRunId = '{parent_id}'" if parent_id else "")
+    runs = mlflow.search_runs([experiment_id], output_format="list", max_results=10000, filter_string=filt)
+    closed = 0
+    for r in runs:
+        tag = r.data.tags.get("process") or (r.data.tags.get("sweep_launcher") if parent_id else None)
+        if tag and not alive(tag, r.info.start_time / 1000):
+            client.set_tag(r.info.run_id, "error", f"killed: its process ({tag}) ended without closing the run")
+            client.set_terminated(r.info.run_id, "KILLED")
+            closed += 1
+    if closed:
+        log.warning("%d run(s) left RUNNING by a process that is gone: marked KILLED", closed)
+    return closed
 
 
 def close_run(status: str, error: str, cause: BaseException) -> None:

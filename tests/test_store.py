@@ -62,7 +62,7 @@ def test_a_job_killed_after_training_is_not_finished_and_the_resumed_sweep_redoe
     killed = child.iloc[0]["run_id"]
 
     again = run_cli(args, tmp_path)
-    assert "marked KILLED" in again.stdout + again.stderr
+    assert "left RUNNING by a process that is gone: marked KILLED" in again.stdout + again.stderr
     runs = mlflow_runs(tmp_path).set_index("run_id")
     assert runs.loc[killed, "status"] == "KILLED" and "ended without closing" in runs.loc[killed, "tags.error"]
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
@@ -105,9 +105,13 @@ def test_a_run_left_running_by_a_dead_process_is_closed_killed(tmp_path):
                                           "sweep_launcher": f"{socket.gethostname()}:{dead}"})
     mine = client.create_run(exp, tags={"mlflow.parentRunId": parent, "sweep_launcher": sweep.launcher()})
     elsewhere = client.create_run(exp, tags={"mlflow.parentRunId": parent, "sweep_launcher": "otherhost:1"})
-    assert sweep.close_dead_runs(exp, parent) == 1
+    assert tracking.close_dead_runs(exp, parent) == 1
     assert [client.get_run(r.info.run_id).info.status for r in (orphan, mine, elsewhere)] == [
         "KILLED", "RUNNING", "RUNNING"]
+    # a single run (no sweep) killed with -9: the next run opened in the store closes it, by its `process` tag
+    single = client.create_run(exp, tags={"process": f"{socket.gethostname()}:{dead}"})
+    assert tracking.close_dead_runs(exp) == 1 and client.get_run(single.info.run_id).info.status == "KILLED"
+    assert client.get_run(mine.info.run_id).info.status == "RUNNING"
 
 
 def test_a_new_store_beside_an_old_classifier_cache_logs_the_classifier_anew(trained, tmp_path):
