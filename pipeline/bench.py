@@ -1,6 +1,6 @@
 """`python -m pipeline.bench` (`make bench`): UAP generation side by side with ART, in one process.
 
-Same frozen classifier (the step-1 cache: a small timm model at 128 px trained on ../shared/data/cxr3
+Same frozen classifier (from the classifier cache: a small timm model at 128 px trained on ../shared/data/cxr3
 when present, else on phantom data), same input set, same norm / eps / FGSM step / delta / max_iter and
 seed for every row:
 
@@ -43,7 +43,7 @@ CXR3 = ROOT.parent / "shared" / "data" / "cxr3"
 # (the row's overrides come last: strong_uap keeps its own passes per start and delta)
 ROWS = [("fgsm_uap faithful", ["attack=fgsm_uap_faithful"]),
         ("fgsm_uap batched", ["attack=fgsm_uap"]),
-        ("fgsm_uap batched, 2 candidates (step 7)", ["attack=fgsm_uap", "attack.step_rule.scales=[8.0,1.0]",
+        ("fgsm_uap batched, 2 candidates (original)", ["attack=fgsm_uap", "attack.step_rule.scales=[8.0,1.0]",
                                                     "attack.step_rule.adaptive=false"]),
         ("sgd_uap", ["attack=sgd_uap"]),
         ("strong_uap", ["attack=strong_uap", "attack.max_iter=3", "attack.delta=0.0"])]
@@ -253,7 +253,7 @@ def bench(args) -> tuple[list[Row], dict]:
 # with these overrides (on the model's whole input set, the training split), warm-start candidates included
 KEEP_BEST = ["attack=sgd_uap", "attack.keep=best"]
 STUDY = [
-    ("sgd_uap, 3 passes (the step-7 grid)", ["attack=sgd_uap", "attack.max_iter=3"]),
+    ("sgd_uap, 3 passes (the original grid)", ["attack=sgd_uap", "attack.max_iter=3"]),
     ("sgd_uap, 10 passes, best iterate", [*KEEP_BEST, "attack.max_iter=10"]),
     ("step schedule: lr 0.3, cosine decay, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/step_rule=adam_cosine",
                                                        "attack.step_rule.lr=0.3"]),
