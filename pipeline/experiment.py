@@ -136,7 +136,7 @@ class Job:
             for f in r.files:
                 tracking.log_artifact(f)
         tracking.log_metrics(self.metrics, model_id=model_id)
-        tracking.log_artifact(self.write_metrics())
+        tracking.log_artifact(self.out / "metrics.json")  # written by `add` and at the job's end
 
 
 @contextmanager

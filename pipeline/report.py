@@ -57,14 +57,12 @@ def select_runs(experiment: str, sweep: str | None) -> list:
     # metric names that hold a slash or a class name stay dict keys instead of mangled column names
     runs = mlflow.search_runs([exp.experiment_id], filter_string=filt, output_format="list", max_results=50000,
                               order_by=["attributes.start_time DESC"])
-    partial = [r for r in runs if not complete(r)]
-    if partial:  # FINISHED without their result (closed early): left out, their jobs rerun on the sweep's resume
-        log.warning("report: %d FINISHED run(s) lack their result metrics and are left out (e.g. %s)", len(partial),
-                    partial[0].info.run_id)
+    done = [r for r in runs if complete(r)]
+    if len(done) < len(runs):  # FINISHED without their result (closed early): left out, rerun on the sweep's resume
+        log.warning("report: %d FINISHED run(s) lack their result metrics and are left out", len(runs) - len(done))
     newest = {}
-    for r in runs:
-        if complete(r):
-            newest.setdefault(r.data.tags.get("job_hash", r.info.run_id), r)
+    for r in done:
+        newest.setdefault(r.data.tags.get("job_hash", r.info.run_id), r)
     if not newest:
         raise SystemExit(f"report: no FINISHED attack runs{' for sweep ' + sweep if sweep else ''} in {experiment!r}")
     return list(newest.values())

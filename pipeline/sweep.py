@@ -277,17 +277,6 @@ def sweep_lock(cache_dir: str, shash: str) -> tuple[FileLock, Path]:
     return FileLock(str(folder / f"{shash}.lock")), folder / f"{shash}.json"
 
 
-def alive(entry: dict) -> bool:
-    """A registered sweep process still runs (processes on other hosts are assumed to)."""
-    if entry["host"] != socket.gethostname():
-        return True
-    import psutil
-    try:
-        return abs(psutil.Process(entry["pid"]).create_time() - entry["created"]) < 1
-    except psutil.Error:
-        return False
-
-
 def register(registry: Path, add: bool) -> list[dict]:
     """Add or remove this process in the sweep's registry (under its lock); the others still alive."""
     import psutil
@@ -296,7 +285,7 @@ def register(registry: Path, add: bool) -> list[dict]:
     except ValueError:  # unreadable (written by an older version, not atomically): the live processes re-register
         entries = []
     others = [e for e in entries if e["pid"] != os.getpid() or e["host"] != socket.gethostname()]
-    others = [e for e in others if alive(e)]
+    others = [e for e in others if tracking.process_alive(f"{e['host']}:{e['pid']}", e["created"])]
     me = {"host": socket.gethostname(), "pid": os.getpid(), "created": psutil.Process().create_time()}
     files.write_json(registry, others + [me] if add else others)
     return others
