@@ -88,7 +88,8 @@ class PeakRSS:
 def setup_overrides(args) -> list[str]:
     """The config overrides of the bench's data and model."""
     real = args.data == "cxr3" or (args.data == "auto" and (CXR3 / "train.txt").is_file())
-    overrides = [f"model={args.model}", f"seed={args.seed}", "trainer.enable_progress_bar=false"]
+    overrides = [f"model={args.model}", f"seed={args.seed}", f"precision={args.precision}",
+                 "trainer.enable_progress_bar=false"]
     # cxr3's configured root (../shared/data/cxr3) when it resolves from here, so that the classifier cache
     # entry of `python -m pipeline data=cxr3 model=...` run from the project root is the one used
     here = (Path.cwd() / "../shared/data/cxr3").resolve() == CXR3.resolve()
@@ -109,12 +110,12 @@ def compose_config(overrides: list[str]):
     return cfg
 
 
-def load_setup(args):
+def load_setup(args, overrides: list[str] | None = None):
     """The cached classifier and data, through the pipeline's own config and cache."""
     from hydra.utils import instantiate
 
     from pipeline.classifier import train_or_load
-    cfg = compose_config(setup_overrides(args))
+    cfg = compose_config(overrides or setup_overrides(args))
     dm = instantiate(cfg.data)
     dm.setup()
     model, _ = train_or_load(cfg, dm)
@@ -122,14 +123,17 @@ def load_setup(args):
 
 
 def floor_seconds(net, x, batch_size, device) -> float:
-    """One batched forward+backward pass (gradient w.r.t. the input) over x; the best of two."""
+    """One batched forward+backward pass (gradient w.r.t. the input) over x, in the network's attack mode
+    (pipeline.precision); the best of two."""
+    from pipeline import precision
+    mode = precision.mode_of(net, "attack")
     best = float("inf")
     for _ in range(2):
         sync(device)
         t0 = time.perf_counter()
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].to(device).requires_grad_(True)
-            out = net(xb)
+            out = precision.logits(net, xb, mode)
             g, = torch.autograd.grad(F.cross_entropy(out, out.argmax(1)), xb)
         sync(device)
         best = min(best, time.perf_counter() - t0)
@@ -151,6 +155,9 @@ def fr_of(net, ds, v, clean, target, device) -> float:
 def run_art(net, x, eps, args, target, n_classes, device) -> tuple[Row, torch.Tensor]:
     from art.attacks.evasion import TargetedUniversalPerturbation, UniversalPerturbation
     from art.estimators.classification import PyTorchClassifier
+
+    from pipeline import precision
+    precision.prepare(net, precision.FP32)  # ART as its users run it: fp32, the default memory format
     clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
                             nb_classes=n_classes, device_type="gpu" if device.type == "cuda" else "cpu")
     xn = x.numpy()
@@ -217,6 +224,7 @@ def run_ours(name, overrides, net, x, y, eps, args, target, classes, device) -> 
 
 
 def bench(args) -> tuple[list[Row], dict]:
+    from pipeline import precision
     from pipeline.attack import zeta_to_eps
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -231,7 +239,8 @@ def bench(args) -> tuple[list[Row], dict]:
     floor = floor_seconds(net, x, args.batch_size, device)
     info = {"data": cfg.data._target_.rsplit(".", 1)[-1] + (" (cxr3)" if "Covidx" in cfg.data._target_ else ""),
             "model": cfg.model.arch, "image_size": dm.image_size, "n_images": len(x), "eps": eps, "floor": floor,
-            "device": str(device), "clean_test_acc": (clean_test == test.labels).float().mean().item()}
+            "device": str(device), "clean_test_acc": (clean_test == test.labels).float().mean().item(),
+            "modes": precision.describe(precision.modes_of(net)), "x": x, "y": y, "classes": dm.classes}
     tables = {}
     for target_name in [None] + ([] if args.non_targeted_only else [args.target]):
         target = None if target_name is None else dm.classes.index(target_name)
@@ -374,6 +383,127 @@ def eval_throughput(net, ds, eps, device) -> float:
     return best_raw / best_eval
 
 
+# the precision table: (model config, image size, batch); `--quick`: the first, small
+PRECISION_MODELS = [("tiny", 128, 32), ("tiny_effnet", 128, 32), ("mobilenetv3_large_100", 128, 32),
+                    ("resnet18", 128, 32), ("resnet50", 224, 8), ("densenet121", 224, 8)]
+LOOP_NAMES = {"eval": "forward", "attack": "fwd+bwd to input", "train": "fwd+bwd to weights"}
+
+
+def precision_table(args, device) -> str:
+    """Per model and loop: images/s in fp32 and each mode's ratio to it (one interleaved measurement after
+    warm-up, pipeline.precision.measure), and the mode precision=auto picks, measured on its own."""
+    from pipeline import precision
+    from pipeline.classifier import build_net
+    from pipeline.transferability import model_config
+    models = [("tiny", 64, 8)] if args.quick else PRECISION_MODELS
+    modes = precision.MODES
+    head = ["model", "px", "batch", "loop", "fp32 img/s", *[f"{m} / fp32" for m in modes], "auto picks",
+            "auto / fp32"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, size, batch in models:
+        arch = model_config(name).arch
+        net = build_net(arch, 3)
+        for loop in precision.LOOPS:
+            secs = precision.measure(net, loop, batch, size, device)
+            auto = precision.choose("auto", arch, lambda n=net: n, loop, batch, size, device, table=None)
+            fp32 = secs[precision.FP32]
+            lines.append(f"| {name} | {size} | {batch} | {LOOP_NAMES[loop]} | {batch / fp32:.0f} | "
+                         + " | ".join(f"{fp32 / secs[m]:.2f}" for m in modes)
+                         + f" | {auto} | {fp32 / secs[auto]:.2f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def precision_speedup(args, x, y, classes, device) -> tuple[float, float, str]:
+    """resnet18 at the bench's size: seconds per UAP search pass (sgd_uap, one pass over x) and per evaluation
+    (clean + UAP + random over x) with fp32 modes / with precision=auto's, side by side (interleaved, after a
+    warm-up round); returns (pass ratio, evaluation ratio, auto's modes)."""
+    from pipeline import precision
+    from pipeline.attack import new_attack
+    from pipeline.classifier import build_net
+    from pipeline.data import GrayDataset
+    from pipeline.evaluate import eval_batch, predict
+    size = x.shape[-1]
+    net = build_net("resnet18", len(classes)).eval().to(device)
+    a = attack_config(args, ["attack=sgd_uap", "attack.max_iter=1"])
+    batches = {"train": 32, "attack": int(a.batch_size), "eval": eval_batch(device)}
+    auto = {loop: precision.choose("auto", "resnet18", lambda: net, loop, b, size, device, table=None)
+            for loop, b in batches.items()}
+    ds = GrayDataset((x[:, :1] * 255).round().to(torch.uint8), y, [str(i) for i in range(len(y))])
+    v = torch.full((1, size, size), 0.01)
+    times: dict[str, dict[str, list[float]]] = {"fp32": {"pass": [], "eval": []}, "auto": {"pass": [], "eval": []}}
+    for r in range(3):  # round 0: warm-up, not counted
+        for label, modes in (("fp32", {loop: precision.FP32 for loop in batches}), ("auto", auto)):
+            precision.attach(net, modes, 0.05)
+            atk = new_attack(a, net, size, classes, eps=0.01)
+            t0 = time.perf_counter()
+            atk.make(x, y, trainer_kwargs={"accelerator": "gpu" if device.type == "cuda" else "cpu",
+                                           "enable_progress_bar": False}, seed=args.seed)
+            t1 = time.perf_counter()
+            net.to(device)
+            predict(net, ds, {"clean": None, "uap": v, "random": -v}, device=device)
+            sync(device)
+            if r:
+                times[label]["pass"].append(t1 - t0)
+                times[label]["eval"].append(time.perf_counter() - t1)
+    ratio = {k: min(times["fp32"][k]) / min(times["auto"][k]) for k in ("pass", "eval")}
+    return ratio["pass"], ratio["eval"], precision.describe(auto)
+
+
+def precision_check(args) -> str:
+    """Do the numbers move with the precision? Against the same fp32-trained classifier (precision=32, the
+    cache's), strong_uap without warm starts at --zeta, --norm, non-targeted, searched in fp32 and in bf16 with
+    channels_last (what precision=bf16 runs); each UAP evaluated in fp32 (the test FR with its 95 % interval),
+    and the share of predictions (clean and with the UAP, train and test images) that a bf16 evaluation, raw or
+    with the fp32 recheck of close calls, gives differently from fp32."""
+    from pipeline import precision
+    from pipeline.evaluate import predict
+    from pipeline.metrics import fooling_rate, wilson
+    from pipeline.uaps import make_uap
+    device = torch.device(args.device)
+    bf16 = precision.Mode(True, True)
+    lines = ["| model | clean test acc (fp32) | UAP searched in | search s | test FR, fp32 evaluation | 95 % interval "
+             "| within the fp32 search's interval | bf16 evaluation differs from fp32 (raw) | (with recheck) |",
+             "|" + "---|" * 9]
+    for model in args.check_models.split(","):
+        a = argparse.Namespace(**{**vars(args), "model": model, "precision": "32"})
+        overrides = [*setup_overrides(a), "attack=strong_uap", "attack.warm_start=null", f"zeta={args.zeta}",
+                     f"norm={args.norm}"]
+        cfg, dm, net = load_setup(a, overrides)
+        net = net.to(device)
+        splits = [dm.dataset("train"), dm.dataset("test")]
+        fp32_interval = None
+        for search in (precision.FP32, bf16):
+            precision.attach(net, {"train": precision.FP32, "attack": search, "eval": search},
+                             cfg.precision_recheck)
+            _, uap, seconds = make_uap(cfg, dm, net, device)
+            evals = {}
+            for label, mode, recheck in (("fp32", precision.FP32, 0.0), ("raw", bf16, 0.0),
+                                         ("recheck", bf16, cfg.precision_recheck)):
+                precision.attach(net, {"eval": mode}, recheck)
+                evals[label] = [predict(net, ds, {"clean": None, "uap": uap}, device=device) for ds in splits]
+            test = evals["fp32"][1]
+            fr = fooling_rate(test["clean"], test["uap"])
+            lo, hi = wilson(fr, len(splits[1]))
+            acc = (test["clean"] == splits[1].labels).float().mean().item()
+            if search == precision.FP32:
+                fp32_interval = (lo, hi)
+            within = "(reference)" if search == precision.FP32 else (
+                "yes" if fp32_interval[0] <= fr <= fp32_interval[1] else "**no**")
+            differ = [differing(evals[label], evals["fp32"]) for label in ("raw", "recheck")]
+            lines.append(f"| {model} | {acc:.3f} | {search} | {seconds:.0f} | {fr:.3f} | [{lo:.3f}, {hi:.3f}] | "
+                         f"{within} | {differ[0]} | {differ[1]} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def differing(preds: list[dict], reference: list[dict]) -> str:
+    """`k / n (share %)`: predictions of `preds` that differ from `reference` (same splits, same keys)."""
+    k = sum(int((p[key] != r[key]).sum()) for p, r in zip(preds, reference) for key in p)
+    n = sum(len(r[key]) for r in reference for key in r)
+    return f"{k} / {n} ({100 * k / n:.2f} %)"
+
+
 def fmt_table(rows: list[Row], floor: float, n: int) -> str:
     head = ["method", "seconds", "passes", "images/s", "s per pass / floor", "FR input", "FR test",
             "UAP norm / eps", "peak RSS (MB)", "reached ART's input FR at (s)"]
@@ -438,6 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="auto", choices=["auto", "cxr3", "phantom"],
                     help="auto: cxr3 when ../shared/data/cxr3 is present, else phantom")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"],
+                    help="the pipeline's precision for our rows (ART runs in fp32); default auto")
+    ap.add_argument("--no-precision-table", action="store_true", help="leave out the precision table")
+    ap.add_argument("--precision-check", action="store_true",
+                    help="instead of the ART comparison: UAPs searched in fp32 and in bf16 against the same "
+                         "fp32-trained classifier, evaluated in fp32 (--check-models, --zeta, --norm)")
+    ap.add_argument("--check-models", default="resnet18,tiny_effnet", help="--precision-check: model configs")
     ap.add_argument("--record-every", type=int, default=0,
                     help="also measure the exact input-set FR every k steps, off the clock (finer 'reached at' times)")
     ap.add_argument("--study", action="store_true",
@@ -468,6 +605,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out or not args.quick:
             write_doc(Path(args.out or ROOT / "docs" / "benchmarks.md"), cmd, text)
         return 0
+    if args.precision_check:
+        text = f"Machine: {machine(args.device)}; {versions()}.\n\n{precision_check(args)}"
+        print(text)
+        if not args.quick:
+            write_doc(Path(args.out or ROOT / "docs" / "benchmarks.md"), cmd, text)
+        return 0
     tables, info = bench(args)
     parts = [f"Machine: {machine(args.device)}; {versions()}.",
              f"Classifier: {info['model']} on {info['data']}, {info['image_size']} px, clean test accuracy "
@@ -477,13 +620,28 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in tables.items():
         parts += [f"#### {name}", "", fmt_table(rows, info["floor"], info["n_images"]), ""]
     parts.append(f"Evaluation (clean + UAP + random in one batched pass) runs at {info['eval_ratio']:.2f}x the "
-                 f"model's raw forward throughput on the same images.")
+                 f"model's raw forward throughput on the same images (precision={args.precision}: "
+                 f"{info['modes']}).")
+    last = speedup_line(tables["non-targeted"])
+    if not args.no_precision_table:
+        from pipeline.precision import ROUNDS, WARMUP
+        device = torch.device(args.device)
+        parts += ["", "#### precision", "",
+                  "Images/s in fp32 and each mode's ratio to it, per model and loop (batch as given, after "
+                  f"{WARMUP} warm-up calls per mode, the median of {ROUNDS} interleaved rounds); `auto picks`: "
+                  "what precision=auto chooses, measured on its own "
+                  "(pipeline/precision.py).", "", precision_table(args, device), ""]
+        pass_ratio, eval_ratio, auto = precision_speedup(args, info["x"], info["y"], info["classes"], device)
+        parts.append(f"resnet18 at {info['image_size']} px on the input set above, precision=auto ({auto}) vs "
+                     f"fp32, side by side: a UAP search pass (sgd_uap) {pass_ratio:.2f}x faster, an evaluation "
+                     f"(clean + UAP + random) {eval_ratio:.2f}x faster.")
+        last += f" precision_speedup={pass_ratio:.2f}"
     text = "\n".join(parts)
     print(text)
     out = args.out or (None if args.quick else str(ROOT / "docs" / "benchmarks.md"))
     if out:
         write_doc(Path(out), cmd, text)
-    print(speedup_line(tables["non-targeted"]))
+    print(last)
     return 0
 
 

@@ -27,7 +27,7 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import files, progress
+from pipeline import files, precision, progress
 from pipeline.data import data_fingerprint
 from pipeline.errors import ConfigError, UserError
 from pipeline.metrics import accuracy, class_metrics
@@ -87,6 +87,8 @@ class Classifier(pl.LightningModule):
         self.class_weights = None if weights is None else weights.to(self.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.net, "memory_format_", None) == torch.channels_last:  # precision.prepare chose it
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
@@ -187,7 +189,8 @@ def defining_config(cfg: DictConfig, dm=None) -> dict:
         return d
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optim", "trainer")}
     parts["trainer"]["max_epochs"] = cfg.trainer.max_epochs
-    return {**strip(parts), "seed": cfg.seed, "cache_version": CACHE_VERSION, "data_fingerprint": data_key(cfg, dm)}
+    return {**strip(parts), "seed": cfg.seed, "cache_version": CACHE_VERSION, "data_fingerprint": data_key(cfg, dm),
+            "precision": str(precision.resolve(cfg)["train"])}  # the mode training used: bf16 is not fp32
 
 
 def classifier_key(cfg: DictConfig, dm=None) -> str:
@@ -234,7 +237,10 @@ def make_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
 
 
 def new_classifier(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
-    return instantiate(cfg.model, classes=list(classes), optim=cfg.optim, _recursive_=False)
+    """The configured classifier, its network carrying the modes of this config's precision (precision.attach)."""
+    model = instantiate(cfg.model, classes=list(classes), optim=cfg.optim, _recursive_=False)
+    precision.attach(model.net, precision.resolve(cfg), cfg.get("precision_recheck", 0.0))
+    return model
 
 
 def load_classifier_file(cfg: DictConfig, dm) -> tuple[Classifier, dict]:
@@ -276,8 +282,9 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
             except ValueError as e:
                 log.warning("%s; rebuilding the cache entry", e)
                 ckpt.unlink(missing_ok=True)
-        log.info("training %s (%s) on %s for %d epochs (cache key %s)", cfg.model.get("name"), cfg.model.arch,
-                 type(dm).__name__, cfg.trainer.max_epochs, key)
+        log.info("training %s (%s) on %s for %d epochs in %s (cache key %s)", cfg.model.get("name"),
+                 cfg.model.arch, type(dm).__name__, cfg.trainer.max_epochs,
+                 precision.resolve(cfg)["train"], key)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         model = new_classifier(cfg, dm.classes)  # re-created after seeding: same init for the same seed
         best = BestWeights()
@@ -285,7 +292,10 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
                                           epoch_line)
         # no validation split (data.val_fraction=0): no validation loop, the last epoch's weights are kept
         no_val = {"limit_val_batches": 0} if len(dm.dataset("val")) == 0 else {}
-        trainer = make_trainer(cfg, callbacks=[best, *shown.pop("callbacks")], **shown, **no_val,
+        mode = precision.mode_of(model.net, "train")
+        precision.prepare(model.net, mode)
+        trainer = make_trainer(cfg, precision=mode.lightning, callbacks=[best, *shown.pop("callbacks")], **shown,
+                               **no_val,
                                logger=logger if logger is not None else False,
                                enable_checkpointing=False, default_root_dir=str(entry))
         t0 = time.time()
@@ -294,7 +304,7 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
             model.load_state_dict(best.state)
         meta = {"arch": model.arch, "classes": model.classes, "key": key, "best_epoch": best.epoch,
                 "val_acc": best.best[0] if best.best else None, "train_seconds": round(time.time() - t0, 1),
-                "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "image_size": dm.image_size}
+                "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "image_size": dm.image_size, "precision": str(mode)}
         save_checkpoint(model, ckpt, meta)
         files.write_json(entry / "config.json", defining_config(cfg, dm), indent=2, default=str)
         kept = (f"best val_acc {meta['val_acc']:.3f} at epoch {best.epoch + 1}" if best.best

@@ -54,10 +54,22 @@ def validate(cfg: DictConfig) -> None:
     new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
     if cfg.get("defense"):
         check_defense(cfg.defense)
+    check_precision(cfg)
     busy = cfg.tracking.get("busy_timeout")
     if busy is not None and (not isinstance(busy, (int, float)) or isinstance(busy, bool) or busy <= 0):
         raise ConfigError(f"tracking.busy_timeout={busy!r}: expected a number of seconds > 0")
     check_min_zeta(cfg.min_zeta)
+
+
+def check_precision(cfg: DictConfig) -> None:
+    from pipeline.precision import parse
+    parse(cfg.get("precision", "auto"))
+    r = cfg.get("precision_recheck", 0.0)
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1:
+        raise ConfigError(f"precision_recheck={r!r}: expected a share in [0, 1) of the largest |logit|")
+    if cfg.trainer.get("precision") is not None:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: set the top-level key instead "
+                          f"(precision=auto|32|bf16), which every loop obeys, training included")
 
 
 def check_defense(d: DictConfig) -> None:

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import plots, tracking
+from pipeline import plots, precision, tracking
 from pipeline.classifier import Classifier, make_trainer, save_checkpoint
 from pipeline.data import CXRDataModule
 from pipeline.evaluate import predict
@@ -68,7 +68,10 @@ def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path
     for r in range(1, d.rounds + 1):
         model.net.requires_grad_(True)  # the attacks froze it
         with_uap = UAPTraining(uap, float(d.fraction), bool(cfg.attack.clip), bool(d.get("freeze_bn", True)))
-        trainer = make_trainer(cfg, max_epochs=int(d.epochs), logger=False, enable_checkpointing=False,
+        mode = precision.mode_of(model.net, "train")  # fine-tuning: the training loop's mode
+        precision.prepare(model.net, mode)
+        trainer = make_trainer(cfg, max_epochs=int(d.epochs), precision=mode.lightning, logger=False,
+                               enable_checkpointing=False,
                                limit_val_batches=0, default_root_dir=str(out), callbacks=[with_uap])
         trainer.fit(model, train_dataloaders=dm.train_dataloader())
         model.net.to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from pipeline import precision
 from pipeline.data import GrayDataset, to_float3
 
 # inputs per forward pass in evaluation: CPU convolutions run fastest on small batches (measured on this 2-core
@@ -22,10 +23,12 @@ def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tens
             clip: bool = False, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Predicted classes of every image of `ds` under each perturbation (None = clean), one forward per batch.
 
-    The inputs of all perturbations are stacked into one batch, so a split costs one pass over the data.
+    The inputs of all perturbations are stacked into one batch, so a split costs one pass over the data; in the
+    network's evaluation mode (precision.mode_of), with bf16's close calls predicted again in fp32.
     """
     batch_size = batch_size or max(1, eval_batch(device) // len(perturbations))
     net = net.eval().to(device)
+    mode, recheck = precision.mode_of(net, "eval"), precision.recheck_of(net)
     names = list(perturbations)
     vs = [None if v is None else v.to(device) for v in perturbations.values()]
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -35,7 +38,7 @@ def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tens
         for v in vs:
             xv = x if v is None else x + v
             xs.append(xv.clamp(0, 1) if (clip and v is not None) else xv)
-        preds = net(torch.cat(xs)).argmax(1).view(len(xs), -1).cpu()
+        preds = precision.predicted(net, torch.cat(xs), mode, recheck).view(len(xs), -1).cpu()
         for n, p in zip(names, preds):
             out[n].append(p)
     return {n: torch.cat(p) for n, p in out.items()}

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import MLFlowLogger
 
-from pipeline import files, plots, sweep, tracking
+from pipeline import files, plots, precision, sweep, tracking
 from pipeline.attack import lp_norms, random_control
 from pipeline.classifier import Classifier, classifier_key, load_classifier_file, train_or_load
 from pipeline.config import validate
@@ -180,6 +180,8 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
         model, meta = loaded or train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id))
         tracking.mlflow.set_tag("classifier_cache", meta.get("source") or ("hit" if meta["cache_hit"] else "trained"))
         tracking.mlflow.set_tag("classifier_path", meta["path"])
+        modes = precision.modes_of(model.net)
+        tracking.mlflow.log_params({f"precision.{loop}": str(m) for loop, m in modes.items()})
         model_id = None
         if cfg.tracking.get("log_model", True):  # the classifier as an MLflow model, this run linked to it
             model_id = tracking.log_classifier(model, Path(meta["path"]).parent, not meta["cache_hit"])["model_id"]
@@ -195,7 +197,7 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
                     log.warning("could not log the results so far (%s); they are in %s", log_error, out)
             raise
         job.write_metrics()  # the results in the run folder first: a store failing now loses none of them
-        log.info("%s", summary(cfg, job.metrics, dm.classes))
+        log.info("%s", summary(cfg, job.metrics, dm.classes, modes))
         job.log_results(model_id)
         log.info("MLflow run %s in %s: `make ui`, then %s; files in %s", mlrun.info.run_id, cfg.tracking.uri,
                  tracking.ui_url(mlrun.info.experiment_id, mlrun.info.run_id), out)
@@ -307,11 +309,13 @@ def input_metrics(cfg: DictConfig, dm: CXRDataModule, net, uap, atk, train_preds
     return m
 
 
-def summary(cfg: DictConfig, m: dict, classes) -> str:
+def summary(cfg: DictConfig, m: dict, classes, modes: dict | None = None) -> str:
     lo, hi = wilson(m["test_acc"], m["test_n"])
     lines = [f"result: {cfg.model.get('name') or cfg.model.arch} on {cfg.data._target_.rsplit('.', 1)[-1]} "
              f"({cfg.data.image_size} px), clean test accuracy {m['test_acc']:.3f} [{lo:.3f}, {hi:.3f}] "
              f"on {m['test_n']:.0f} images"]
+    if modes:
+        lines.append(f"precision={cfg.get('precision', 'auto')}: {precision.describe(modes)}")
     if "min_zeta" in m:
         lines.append(f"min_zeta: smallest zeta reaching test FR {m['min_zeta_target_fr']:.2f}: {m['min_zeta']:g}% "
                      f"(largest probed zeta below it: {m['min_zeta_below']:g}%, {m['min_zeta_probes']} probes)")

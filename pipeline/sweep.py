@@ -57,14 +57,16 @@ NOT_IDENTITY = {"paths", "tracking", "hydra", "enable_progress_bar", "log_every_
 def job_hash(cfg: DictConfig, dm=None) -> str:
     """Identity of a job's result: the resolved config without paths, tracking and presentation keys, the
     fingerprint of the data it reads (edited data is not a done job), and the classifier and UAP cache
-    versions (runs made before a code change that alters training or the attacks are not reused)."""
+    versions (runs made before a code change that alters training or the attacks are not reused), and the precision
+    modes the loops use (pipeline.precision: auto's choice on this device)."""
     from pipeline.classifier import CACHE_VERSION, data_key
     from pipeline.config import stable_hash
+    from pipeline.precision import describe, resolve
     from pipeline.uaps import UAP_CACHE_VERSION
     container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                  for k in cfg if k not in NOT_IDENTITY}
     container.update(cache_version=CACHE_VERSION, uap_cache_version=UAP_CACHE_VERSION,
-                     data_fingerprint=data_key(cfg, dm))
+                     data_fingerprint=data_key(cfg, dm), precision_modes=describe(resolve(cfg)))
     return stable_hash(container, NOT_IDENTITY)
 
 

@@ -26,7 +26,7 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import files
+from pipeline import files, precision
 from pipeline.attack import UAP, new_attack, zeta_to_eps
 from pipeline.attack.initializer import check_budget, load_uap_file
 from pipeline.data import CXRDataModule, GrayDataset
@@ -136,14 +136,15 @@ def fingerprint(tensors) -> str:
 
 
 def uap_key(cfg: DictConfig, atk: UAP, net, inputs: GrayDataset, device) -> str:
-    """Identity of a UAP: the classifier's weights, the input images and labels, the attack, eps, seed, device."""
+    """Identity of a UAP: the classifier's weights, the input images and labels, the attack, eps, seed, device and
+    the precision of the search and of its exact rates."""
     from pipeline.config import stable_hash
     attack = OmegaConf.to_container(cfg.attack, resolve=True)
     for k in ("uap_file", "project_uap_file", "name"):  # not what the search does
         attack.pop(k, None)
     blob = {"weights": fingerprint(net.state_dict().values()), "inputs": fingerprint([inputs.images, inputs.labels]),
             "attack": attack, "eps": f"{atk.eps:.10g}", "seed": cfg.seed, "device": torch.device(device).type,
-            "version": UAP_CACHE_VERSION}
+            "precision": precision.describe(precision.modes_of(net)), "version": UAP_CACHE_VERSION}
     return stable_hash(blob)
 
 

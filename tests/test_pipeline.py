@@ -41,6 +41,10 @@ def test_run_logs_params_metrics_artifacts_and_tags(two_runs):
     assert run["metrics.uap_norm"] <= run["metrics.eps"] * (1 + 1e-6)
     assert run["tags.choice.model"] == "tiny" and run["tags.git_commit"]
     assert ARTIFACTS <= artifacts(run["run_id"])
+    # the precision each loop used: a param, and in the console summary
+    used = {loop: run[f"params.precision.{loop}"] for loop in ("train", "attack", "eval")}
+    assert run["params.precision"] == "auto" and set(used.values()) <= {"fp32", "fp32+cl", "bf16", "bf16+cl"}
+    assert f"precision=auto: train {used['train']}, attack {used['attack']}, eval {used['eval']}" in first.stderr
     # the console summary
     assert "result: tiny" in first.stderr + first.stdout and "FR random" in first.stderr + first.stdout
     # MLflow holds the grouped names (charts in sections), the flat ones are what mlflow_runs reads back

