@@ -83,6 +83,8 @@ def row_of(run) -> dict:
         "n_train": m.get("train_n"), "n_test": m.get("test_n"),  # absent in stores before intervals: no interval
         "run_id": run.info.run_id, "run_name": run.info.run_name, "model_arch": p.get("model.arch"),
         "config_hash": run.data.tags.get("config_hash"), "params": dict(p), "metrics": m,
+        "wall": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
+        "train_seconds": m.get("classifier_train_seconds", 0.0), "precision": p.get("precision.attack"),
     }
 
 

@@ -175,6 +175,9 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
                  f"(random), zeta closest to {zeta:g} %", shares_table(rows, zeta, cols)),
                 ("Across seeds: mean ± sd (sample standard deviation) over the seeds of each cell",
                  seeds_table(rows, cols)),
+                ("Where the time went: the runs' wall time per model, of which classifier training and UAP "
+                 "searches (each search made once, by the job that first needs it); the rest is evaluation, "
+                 "loading and logging", time_table(rows)),
                 ("Every run", md_table(head, [[*(fmt(r[k], k) for k in keys), *r["config"].values(),
                                                *(fmt(r[k], k) for k in vals), short_id(r["run_id"])]
                                               for r in map(with_intervals, rows)]))]
@@ -185,6 +188,30 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
     text = note + "\n".join(f"### {title}\n\n{body}" for title, body in sections if body)
     (out / "results.md").write_text(text)
     return out / "results.csv", out / "results.md"
+
+
+def time_table(rows: list[dict]) -> str:
+    """Per model (and the attack's precision mode): runs, their summed wall time, training, searches, the rest."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("wall") is not None:
+            groups.setdefault((r["model"], r.get("precision") or "fp32"), []).append(r)
+    if not groups:
+        return ""
+    cells, total = [], [0, 0.0, 0.0, 0.0]
+    for (model, prec), rs in sorted(groups.items()):
+        wall = sum(r["wall"] for r in rs)
+        train = sum(r.get("train_seconds") or 0.0 for r in rs)
+        search = sum(r.get("seconds") or 0.0 for r in rs)
+        for i, v in enumerate((len(rs), wall, train, search)):
+            total[i] += v
+        cells.append([model, prec, str(len(rs)), f"{wall / 60:.1f}", f"{train / 60:.1f}", f"{search / 60:.1f}",
+                      f"{(wall - train - search) / 60:.1f}"])
+    n, wall, train, search = total
+    cells.append(["**all**", "", str(n), f"**{wall / 60:.1f}**", f"{train / 60:.1f}", f"{search / 60:.1f}",
+                  f"{(wall - train - search) / 60:.1f}"])
+    return md_table(["model", "attack precision", "runs", "wall (min)", "training (min)", "UAP searches (min)",
+                     "rest (min)"], cells)
 
 
 def with_intervals(r: dict) -> dict:

@@ -183,3 +183,13 @@ def test_runs_differing_only_by_seed_are_summarised_as_mean_and_sd():
         "0, 1, 2", "0.600 ± 0.100", "0.100 ± 0.100", "0.800 ± 0.100")
     assert r["trainer.max_epochs"] == "20" and r["zeta (%)"] == "2" and len(r["runs"].split(", ")) == 3
     assert tables.seeds_table(rows, ["trainer.max_epochs"]) == ""  # no seed column: no such table
+
+
+def test_the_time_table_splits_each_models_wall_time_by_hand():
+    rows = [{"model": "a", "precision": "bf16+cl", "wall": 600.0, "train_seconds": 120.0, "seconds": 300.0},
+            {"model": "a", "precision": "bf16+cl", "wall": 300.0, "train_seconds": 0.0, "seconds": 180.0},
+            {"model": "b", "precision": None, "wall": 120.0, "train_seconds": 60.0, "seconds": 30.0}]
+    lines = tables.time_table(rows).strip().splitlines()
+    assert cells(lines[2]) == ["a", "bf16+cl", "2", "15.0", "2.0", "8.0", "5.0"]  # 900 s, 120 s, 480 s, 300 s
+    assert cells(lines[3]) == ["b", "fp32", "1", "2.0", "1.0", "0.5", "0.5"]
+    assert cells(lines[4]) == ["**all**", "", "3", "**17.0**", "3.0", "8.5", "5.5"]
