@@ -214,6 +214,11 @@ def choose(precision: str, arch: str, make_net, loop: str, batch: int, image_siz
     key = f"{device_name(device)} | torch {torch.__version__} | {arch} | {loop} | batch {batch} | {image_size} px"
     if key in _MEMO:
         return _MEMO[key]
+    if table is not None:
+        try:
+            table.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # an unwritable cache: measure for this process only (the run then fails on the cache)
+            table = None
     lock = nullcontext() if table is None else FileLock(str(table) + ".lock")
     with lock:
         known = {}

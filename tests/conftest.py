@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 CXR3 = (ROOT / ".." / "shared" / "data" / "cxr3").resolve()
 
-# the fast phantom recipe the tests share: small images, the tiny model, few epochs
+# the fast phantom recipe the tests share: small images, the tiny model, few epochs. Its precision is the
+# default, auto (bf16 where the CPU has bf16 units, fp32 elsewhere): the bounds these tests assert hold in both,
+# and a test whose numbers need one precision sets it (tests/test_precision.py)
 FAST = ["trainer=fast", "trainer.max_epochs=20"]
 
 
