@@ -125,3 +125,18 @@ def test_a_uap_searched_in_bf16_fools_as_the_fp32_one_does_when_judged_in_fp32(t
     lo, hi = wilson(fr32, len(test))
     assert lo <= fr16 <= hi, frs
     assert min(fr32, fr16) >= 2 * max(rnd32, rnd16) + 0.1, frs
+
+
+def test_the_bench_precision_table_has_each_loop_and_the_mode_auto_picks():
+    """`make bench`'s precision table (its --quick form: the tiny model at 64 px): a row per loop, fp32's images/s,
+    each other mode's ratio to it, and auto's choice, one of the four modes."""
+    import argparse
+
+    from conftest import cells
+
+    from pipeline.bench import LOOP_NAMES, precision_table
+    rows = [cells(line) for line in precision_table(argparse.Namespace(quick=True), "cpu").splitlines()[2:]]
+    assert [r[3] for r in rows] == [LOOP_NAMES[loop] for loop in precision.LOOPS]
+    for r in rows:
+        assert r[0] == "tiny" and float(r[4]) > 0 and all(float(c) > 0 for c in r[5:8])
+        assert r[8] in {str(m) for m in precision.MODES} and float(r[9]) > 0
