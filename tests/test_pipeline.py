@@ -44,7 +44,7 @@ def test_run_logs_params_metrics_artifacts_and_tags(two_runs):
     # the precision each loop used: a param, and in the console summary
     used = {loop: run[f"params.precision.{loop}"] for loop in ("train", "attack", "eval")}
     assert run["params.precision"] == "auto" and set(used.values()) <= {"fp32", "fp32+cl", "bf16", "bf16+cl"}
-    assert f"precision=auto: train {used['train']}, attack {used['attack']}, eval {used['eval']}" in first.stderr
+    assert f"precision=auto: train {used['train']}, attack {used['attack']}, eval {used['eval']}" in first.stdout
     # the console summary
     assert "result: tiny" in first.stderr + first.stdout and "FR random" in first.stderr + first.stdout
     # MLflow holds the grouped names (charts in sections), the flat ones are what mlflow_runs reads back
