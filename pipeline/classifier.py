@@ -2,9 +2,9 @@
 
 Trained classifiers are cached under `paths.cache_dir/classifiers/<hash>/` where the hash covers the
 config parts that define them (data, model, optim, trainer, seed) and a fingerprint of the data actually
-read (label files' content, image files' sizes and mtimes): a sweep over attack x norm x zeta trains each
-model once, and edited data is never served a classifier trained on the old. A file lock makes concurrent jobs
-wait for the one that trains.
+read (the label files and the images' bytes, not where they lie or their mtimes): a sweep over attack x
+norm x zeta trains each model once, and edited data is never served a classifier trained on the old. A file
+lock makes concurrent jobs wait for the one that trains.
 """
 from __future__ import annotations
 
@@ -172,10 +172,11 @@ class BestWeights(pl.Callback):
 # --------------------------------------------------------------------------- cache
 
 def data_key(cfg: DictConfig, dm=None) -> str:
-    """The fingerprint of the data this config reads (pipeline.data: label files, image sizes and mtimes).
-    A folder that cannot be read has none: the run then fails on it at once, with its error."""
+    """The fingerprint of the data this config reads (pipeline.data: label files and image contents), memoized
+    under paths.cache_dir. A folder that cannot be read has none: the run then fails on it at once, with its error."""
+    memo = Path(cfg.paths.cache_dir) / "data_fingerprints.json" if OmegaConf.select(cfg, "paths.cache_dir") else None
     try:
-        return dm.fingerprint() if dm is not None else data_fingerprint(cfg.data)
+        return dm.fingerprint(memo) if dm is not None else data_fingerprint(cfg.data, memo)
     except UserError:
         return "unreadable"
 

@@ -7,6 +7,7 @@ Items are float images in [0, 1], the grayscale channel replicated to 3 channels
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.errors import ConfigError, DataError, instantiate
+from pipeline import files
+from pipeline.errors import ConfigError, DataError, StorageError, instantiate
 from pipeline.phantom import render_phantom
 
 log = logging.getLogger(__name__)
@@ -145,13 +147,24 @@ class CXRDataModule(pl.LightningDataModule):
         """What identifies the data this module reads, without decoding any image."""
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
-        """A short hash (16 hex digits) of the data this module reads; needs no setup(), memoized."""
+    def listing_parts(self) -> list[bytes] | None:
+        """A cheap stand-in for fingerprint_parts (file names, sizes, mtimes) under which a memo may keep the
+        fingerprint, or None where fingerprint_parts is cheap itself."""
+        return None
+
+    def fingerprint(self, memo: Path | str | None = None) -> str:
+        """A short hash (16 hex digits) of the data this module reads; needs no setup(), memoized.
+
+        `memo`: a JSON file that keeps, per data root and file listing (names, sizes, mtimes), the fingerprint
+        found for it, so that the next process does not read unchanged files again. It saves time only: a
+        listing it does not know (a fresh copy, a touched file) is read and hashed again."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for part in self.fingerprint_parts():
-                h.update(len(part).to_bytes(8, "little") + part)
-            self._fingerprint = h.hexdigest()[:16]
+            listing = self.listing_parts()
+            key = digest(listing) if listing is not None else None
+            known = read_memo(memo) if memo and key else {}
+            self._fingerprint = known.get(key) or digest(self.fingerprint_parts())
+            if memo and key and known.get(key) != self._fingerprint:
+                write_memo(memo, {**known, key: self._fingerprint})
         return self._fingerprint
 
     def setup(self, stage: str | None = None) -> None:
@@ -419,23 +432,78 @@ class CovidxDataModule(CXRDataModule):
         return train, test
 
     def fingerprint_parts(self) -> list[bytes]:
-        """Each label file's bytes, and each listed image's name, size and mtime (os.stat, no decoding)."""
-        self.check_root()
+        """Each label file's bytes, and each listed image's name and the hash of its bytes (no decoding): a copy
+        of the same files has the same fingerprint wherever it lies and whatever its mtimes."""
         parts = []
-        for split, (label_file, image_dir) in self.files.items():
-            records, folder = self.read_split(split)
+        for label_file, image_dir, records, folder in self.listed_files():
             parts.append((self.root / label_file).read_bytes())  # readable: read_split has decoded it
             for r in records:
-                try:
+                with self.image_errors(label_file, r, folder):
+                    parts.append(f"{image_dir}/{r.filename} ".encode() + file_sha256(folder / r.filename))
+        return parts
+
+    def listing_parts(self) -> list[bytes]:
+        """The data root, each label file's bytes, and each listed image's name, size and mtime (os.stat)."""
+        parts = [str(self.root.resolve()).encode()]
+        for label_file, image_dir, records, folder in self.listed_files():
+            parts.append((self.root / label_file).read_bytes())
+            for r in records:
+                with self.image_errors(label_file, r, folder):
                     st = os.stat(folder / r.filename)
-                except FileNotFoundError:
-                    raise DataError(f"{self.root / label_file}:{r.line}: image not found: {folder / r.filename}"
-                                    ) from None
-                except OSError as e:  # a symlink loop, a name too long, no permission...
-                    raise DataError(f"{self.root / label_file}:{r.line}: cannot read image {folder / r.filename}: "
-                                    f"{e.strerror or e}") from None
                 parts.append(f"{image_dir}/{r.filename} {st.st_size} {st.st_mtime_ns}".encode())
         return parts
+
+    def listed_files(self):
+        """(label file, image folder name, records, image folder) per split, checked by read_split."""
+        self.check_root()
+        for split, (label_file, image_dir) in self.files.items():
+            records, folder = self.read_split(split)
+            yield label_file, image_dir, records, folder
+
+    @contextlib.contextmanager
+    def image_errors(self, label_file: str, r: Record, folder: Path):
+        """An image that is missing or cannot be read: a DataError naming its label file and line."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise DataError(f"{self.root / label_file}:{r.line}: image not found: {folder / r.filename}") from None
+        except OSError as e:  # a symlink loop, a name too long, no permission...
+            raise DataError(f"{self.root / label_file}:{r.line}: cannot read image {folder / r.filename}: "
+                            f"{e.strerror or e}") from None
+
+
+def digest(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
+
+
+MEMO_ENTRIES = 64  # listings a fingerprint memo keeps (the latest)
+
+
+def read_memo(path: Path | str) -> dict[str, str]:
+    """A fingerprint memo's entries; none where it is missing or unreadable (it only saves time)."""
+    try:
+        memo = json.loads(Path(path).read_text())
+        return {str(k): str(v) for k, v in memo.items()} if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_memo(path: Path | str, memo: dict[str, str]) -> None:
+    try:
+        files.write_json(path, dict(list(memo.items())[-MEMO_ENTRIES:]), indent=0)
+    except StorageError as e:  # a read-only cache folder costs time, never the run
+        log.warning("fingerprint memo not written: %s", e)
 
 
 def warn_overlap(what: str, common: set[str]) -> None:
@@ -444,9 +512,9 @@ def warn_overlap(what: str, common: set[str]) -> None:
         log.warning("%d %s appear in both train and test (e.g. %s)", len(common), what, sorted(common)[:3])
 
 
-def data_fingerprint(data_cfg) -> str:
+def data_fingerprint(data_cfg, memo: Path | str | None = None) -> str:
     """The fingerprint of the data a `data` config reads (see CXRDataModule.fingerprint)."""
-    return instantiate(data_cfg).fingerprint()
+    return instantiate(data_cfg).fingerprint(memo)
 
 
 # --------------------------------------------------------------------------- phantom

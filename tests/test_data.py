@@ -1,4 +1,5 @@
 """Data: the phantom set and the COVIDx reader, including every bad input's clear error."""
+import json
 import logging
 import os
 import shutil
@@ -300,33 +301,57 @@ def test_an_image_in_both_train_and_test_is_warned(tmp_path, caplog):
 
 # --------------------------------------------------------------------------- fingerprint
 
-def test_fingerprint_follows_the_labels_and_the_image_files(tmp_path):
+def test_fingerprint_follows_the_labels_and_the_image_contents(tmp_path):
     root = tmp_path / "set"
     write_set(root, good_lines("p"), good_lines("q", 2, 2))
-    fp = lambda: dm_for(root).fingerprint()  # noqa: E731 - a fresh module: fingerprints are memoized
+    fp = lambda path=root: dm_for(path).fingerprint()  # noqa: E731 - a fresh module: fingerprints are memoized
     dm = dm_for(root)
     first = dm.fingerprint()
     assert len(first) == 16 and int(first, 16) >= 0 and not dm.sets  # no setup() needed
     assert fp() == first
-    # an identical copy elsewhere (copy2 keeps mtimes)
-    shutil.copytree(root, tmp_path / "copy")
-    assert dm_for(tmp_path / "copy").fingerprint() == first
+    # an identical copy elsewhere, with new mtimes (a fresh copy, a download): the same data
+    shutil.copytree(root, tmp_path / "copy", copy_function=shutil.copyfile)
+    assert fp(tmp_path / "copy") == first
     # one label changed
     train = (root / "train.txt").read_text()
     (root / "train.txt").write_text(train.replace("p_normal_0.png normal", "p_normal_0.png pneumonia"))
     assert fp() != first and dm.fingerprint() == first
     (root / "train.txt").write_text(train)
     assert fp() == first
-    # an image touched to another mtime
+    # an image touched to another mtime: the same bytes
     img = root / "images" / "q_COVID-19_1.png"
     st = img.stat()
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-    assert fp() != first
-    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert fp() == first
-    # an image rewritten
+    # an image rewritten with other pixels, and one byte flipped at the same size and mtime
     Image.fromarray(np.zeros((40, 60), np.uint8)).save(img)
     assert fp() != first
+    shutil.copyfile(tmp_path / "copy" / "images" / img.name, img)
+    assert fp() == first
+    st, data = img.stat(), bytearray(img.read_bytes())
+    data[-5] ^= 1
+    img.write_bytes(bytes(data))
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fp() != first
+
+
+def test_fingerprint_memo_is_keyed_by_the_listing(tmp_path):
+    """The memo spares reading unchanged files again; a fresh copy or an edited file is read and hashed anew."""
+    root, memo = tmp_path / "set", tmp_path / "cache" / "data_fingerprints.json"
+    write_set(root, good_lines("p"), good_lines("q", 2, 2))
+    first = dm_for(root).fingerprint(memo)
+    assert list(json.loads(memo.read_text()).values()) == [first]
+    # a memo entry is used as it stands for the same listing (here one planted to show it is read)...
+    key = next(iter(json.loads(memo.read_text())))
+    memo.write_text(json.dumps({key: "0" * 16}))
+    assert dm_for(root).fingerprint(memo) == "0" * 16
+    # ...and any change to the listing (an image rewritten) is hashed again, and remembered beside it
+    Image.fromarray(np.full((40, 60), 7, np.uint8)).save(root / "images" / "q_COVID-19_1.png")
+    second = dm_for(root).fingerprint(memo)
+    assert second not in (first, "0" * 16) and second == dm_for(root).fingerprint()
+    assert sorted(json.loads(memo.read_text()).values()) == sorted(["0" * 16, second])
+    memo.write_text("not json")  # an unreadable memo costs time, never the fingerprint
+    assert dm_for(root).fingerprint(memo) == second
 
 
 def test_fingerprint_of_the_phantom_is_its_parameters_and_of_a_config():
