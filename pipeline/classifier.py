@@ -1,17 +1,15 @@
 """The classifier: a LightningModule around a timm model (3 classes, 3 input channels), and its cache.
 
-Trained classifiers are cached under `paths.cache_dir/classifiers/<hash>/` where the hash covers the
-config parts that define them (data, model, optim, trainer, seed) and a fingerprint of the data actually
-read (the label files and the images' bytes, not where they lie or their mtimes): a sweep over attack x
-norm x zeta trains each model once, and edited data is never served a classifier trained on the old. A file
-lock makes concurrent jobs wait for the one that trains.
+Trained classifiers are cached under `paths.cache_dir/classifiers/<key>/` (pipeline.cache), keyed by
+pipeline.identity.classifier_key: the config parts that define them (data, model, optim, trainer, recipe, seed)
+and a fingerprint of the data actually read (the label files and the images' bytes, not where they lie or their
+mtimes). A sweep over attack x norm x zeta trains each model once, edited data is never served a classifier
+trained on the old, and concurrent jobs wait for the one that trains.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
-import json
 import logging
 import os
 import time
@@ -23,25 +21,16 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import files, precision, progress
-from pipeline.data import data_fingerprint
+from pipeline.cache import Cache
 from pipeline.errors import ConfigError, UserError
+from pipeline.identity import classifier_identity, classifier_key
 from pipeline.metrics import accuracy, class_metrics
 
 log = logging.getLogger(__name__)
-
-# bumped when a code change alters what training produces, so that older cache entries are not reused
-# (2: best-validation weights taken after the module's epoch-end hook; 3: EXIF orientation applied, a last
-# training batch of one image dropped)
-CACHE_VERSION = 3
-# config keys that do not change the trained weights, left out of the cache key
-NON_DEFINING = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary", "epochs",
-                "name"}  # model.name: a display name
-
 
 def build_net(arch: str, num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
               extra: dict | None = None) -> torch.nn.Module:
@@ -171,34 +160,6 @@ class BestWeights(pl.Callback):
 
 # --------------------------------------------------------------------------- cache
 
-def data_key(cfg: DictConfig, dm=None) -> str:
-    """The fingerprint of the data this config reads (pipeline.data: label files and image contents), memoized
-    under paths.cache_dir. A folder that cannot be read has none: the run then fails on it at once, with its error."""
-    memo = Path(cfg.paths.cache_dir) / "data_fingerprints.json" if OmegaConf.select(cfg, "paths.cache_dir") else None
-    try:
-        return dm.fingerprint(memo) if dm is not None else data_fingerprint(cfg.data, memo)
-    except UserError:
-        return "unreadable"
-
-
-def defining_config(cfg: DictConfig, dm=None) -> dict:
-    """The config parts that define a trained classifier (resolved, without presentation-only keys), and
-    the fingerprint of its data."""
-    def strip(d):
-        if isinstance(d, dict):
-            return {k: strip(v) for k, v in d.items() if k not in NON_DEFINING}
-        return d
-    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optim", "trainer")}
-    parts["trainer"]["max_epochs"] = cfg.trainer.max_epochs
-    return {**strip(parts), "seed": cfg.seed, "cache_version": CACHE_VERSION, "data_fingerprint": data_key(cfg, dm),
-            "precision": str(precision.resolve(cfg)["train"])}  # the mode training used: bf16 is not fp32
-
-
-def classifier_key(cfg: DictConfig, dm=None) -> str:
-    blob = json.dumps(defining_config(cfg, dm), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def save_checkpoint(model: Classifier, path: Path, meta: dict) -> None:
     """Atomic write (temp file + rename): a half-written checkpoint is never seen under its final name, and a
     full disk is a one-line error (pipeline.files)."""
@@ -269,10 +230,8 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
     if cfg.get("classifier_file"):
         return load_classifier_file(cfg, dm)
     key = classifier_key(cfg, dm)
-    entry = Path(cfg.paths.cache_dir) / "classifiers" / key
-    ckpt = entry / "classifier.pt"
-    entry.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(entry / ".lock")):
+    with Cache(cfg.paths.cache_dir, "classifiers").claim(key) as entry:
+        ckpt = entry / "classifier.pt"
         if ckpt.exists():
             try:
                 model = new_classifier(cfg, dm.classes)
@@ -307,7 +266,7 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
                 "val_acc": best.best[0] if best.best else None, "train_seconds": round(time.time() - t0, 1),
                 "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"), "image_size": dm.image_size, "precision": str(mode)}
         save_checkpoint(model, ckpt, meta)
-        files.write_json(entry / "config.json", defining_config(cfg, dm), indent=2, default=str)
+        files.write_json(entry / "config.json", classifier_identity(cfg, dm), indent=2, default=str)
         kept = (f"best val_acc {meta['val_acc']:.3f} at epoch {best.epoch + 1}" if best.best
                 else f"last epoch {trainer.current_epoch}, no validation split")
         log.info("classifier trained in %.0f s (%s), cached at %s", meta["train_seconds"], kept, ckpt)

@@ -1,11 +1,7 @@
 """Checks on the composed config, run before any work: a bad value names its key and what is allowed."""
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Collection
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -89,18 +85,3 @@ def check_min_zeta(m: DictConfig) -> None:
     if float(m.tol) <= 0 or int(m.max_probes) < 2:
         raise ConfigError(f"min_zeta.tol={m.tol}, min_zeta.max_probes={m.max_probes}: "
                           "expected tol > 0, max_probes >= 2")
-
-
-def stable_hash(obj: Any, drop: Collection[str] = ()) -> str:
-    """A short hash of a plain config container: keys in `drop` left out at every level, and integer-valued
-    floats written as integers (zeta=2 and zeta=2.0 are the same config)."""
-    def canonical(d: Any) -> Any:
-        if isinstance(d, dict):
-            return {k: canonical(v) for k, v in d.items() if k not in drop}
-        if isinstance(d, list):
-            return [canonical(v) for v in d]
-        if isinstance(d, float) and d.is_integer():
-            return int(d)
-        return d
-    blob = json.dumps(canonical(obj), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -19,11 +19,12 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from pipeline import files, plots, precision, sweep, tracking
 from pipeline.attack import lp_norms, random_control
-from pipeline.classifier import Classifier, classifier_key, load_classifier_file, train_or_load
+from pipeline.classifier import Classifier, load_classifier_file, train_or_load
 from pipeline.config import validate
 from pipeline.data import CXRDataModule
 from pipeline.errors import ConfigError, instantiate
 from pipeline.evaluate import predict
+from pipeline.identity import classifier_key, is_display, job_hash
 from pipeline.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate, wilson
 from pipeline.uaps import build_attack, input_set, load_saved_uap, make_uap
 
@@ -40,7 +41,7 @@ def device_for(cfg: DictConfig) -> torch.device:
 
 
 def run_tags(cfg: DictConfig, dm: CXRDataModule | None = None) -> dict[str, str]:
-    tags = {"config_hash": classifier_key(cfg, dm), "job_hash": sweep.job_hash(cfg, dm), "task": cfg.task}
+    tags = {"config_hash": classifier_key(cfg, dm), "job_hash": job_hash(cfg, dm), "task": cfg.task}
     if cfg.get("sweep_name"):
         tags["sweep"] = cfg.sweep_name
     if os.environ.get(sweep.LAUNCHER_ENV):  # which process launched it (an interrupted sweep closes its own)
@@ -206,10 +207,8 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
 
 
 UAP_TASKS = ("attack", "evaluate", "defense")
-# overrides a run's name already says (or that change no result), left out of its tail
-NAMED = {"norm", "zeta", "attack.norm", "attack.zeta", "attack.target", "model", "attack", "task", "defense", "sweep",
-         "sweep_name"}
-UNNAMED = {"tracking", "paths", "hydra"}  # groups whose keys change no result (tracking.uri, hydra.launcher...)
+# overrides a run's name already says, left out of its tail (as are those that change no result: is_display)
+NAMED = {"norm", "zeta", "attack.norm", "attack.zeta", "attack.target", "model", "attack", "task", "sweep"}
 
 
 def job_overrides() -> list[str]:
@@ -230,7 +229,7 @@ def run_names(cfg: DictConfig, task: str) -> tuple[str, str]:
             }.get(task, f"{task} {uap}")
     parts = [head, model, *([a.name] if task in UAP_TASKS or task == "min_zeta" else [])]
     keys = [(o, o.split("=", 1)[0].lstrip("+~")) for o in job_overrides()]
-    rest = [o for o, key in keys if key not in NAMED and key.split(".")[0] not in UNNAMED]
+    rest = [o for o, key in keys if key not in NAMED and not is_display(key)]
     short = " · ".join(parts + ([" ".join(rest)] if rest else []))
     data = f"{cfg.data._target_.rsplit('.', 1)[-1]}({cfg.data.get('root') or ''}, {cfg.data.image_size} px)"
     long = (f"task={task} model={model} ({cfg.model.arch}) attack={a.name} norm={a.norm} zeta={a.zeta} "

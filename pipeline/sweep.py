@@ -38,6 +38,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import files, tracking
+from pipeline.identity import job_hash
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +50,6 @@ DONE = ("FINISHED",)
 WORKER_GRACE = 60  # seconds the workers get to close their runs after a signal
 SUMMARY_METRICS = ["test_acc", "train_fr", "train_fr_random", "test_fr", "test_fr_random", "train_tsr",
                    "train_tsr_random", "test_tsr", "test_tsr_random", "eps", "uap_norm", "uap_seconds", "uap_passes"]
-# keys that do not change a job's result, left out of its identity
-NOT_IDENTITY = {"paths", "tracking", "hydra", "enable_progress_bar", "log_every_n_steps", "enable_model_summary",
-                "num_workers", "sweep_name", "resume"}
-
-
-def job_hash(cfg: DictConfig, dm=None) -> str:
-    """Identity of a job's result: the resolved config without paths, tracking and presentation keys, the
-    fingerprint of the data it reads (edited data is not a done job), and the classifier and UAP cache
-    versions (runs made before a code change that alters training or the attacks are not reused), and the precision
-    modes the loops use (pipeline.precision: auto's choice on this device)."""
-    from pipeline.classifier import CACHE_VERSION, data_key
-    from pipeline.config import stable_hash
-    from pipeline.precision import describe, resolve
-    from pipeline.uaps import UAP_CACHE_VERSION
-    container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                 for k in cfg if k not in NOT_IDENTITY}
-    container.update(cache_version=CACHE_VERSION, uap_cache_version=UAP_CACHE_VERSION,
-                     data_fingerprint=data_key(cfg, dm), precision_modes=describe(resolve(cfg)))
-    return stable_hash(container, NOT_IDENTITY)
 
 
 def parent_run_id() -> str | None:

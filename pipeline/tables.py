@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.identity import is_display, read_by
 from pipeline.metrics import wilson
 
 
@@ -26,14 +27,12 @@ COLUMNS = ["data", "model", "attack", "target", "norm", "zeta", "eps", "metric",
 NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
 TARGET_ORDER = {"non-targeted": 0, "normal": 1, "pneumonia": 2, "COVID-19": 3}
 
-# Config params (MLflow params: the flattened job config) that never tell runs apart in a table: where the
-# files and the store are, presentation and sweep bookkeeping, other tasks' settings, what is a column
-# already (model, attack, target, norm, zeta) or follows from it (eps, input count), and data.epochs (only
-# the default of trainer.max_epochs, which is what trained the classifier).
-IGNORED_PREFIXES = ("paths.", "tracking.", "hydra.", "min_zeta.", "transfer.", "defense.")
-IGNORED = {"sweep_name", "resume", "task", "zeta", "defense", "attack.zeta", "attack.norm", "attack.target",
-           "attack.name", "attack.eps", "attack.n_inputs", "model.name", "data.epochs"}
-IGNORED_LEAVES = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary"}
+# Config params (MLflow params: the flattened job config) that never tell runs apart in a table, besides the
+# display keys (pipeline.identity: where the files and the store are, presentation, sweep bookkeeping) and the
+# settings of tasks a run is not: what is a column already (model, attack, target, norm, zeta) or follows from
+# it (eps, input count), and the recipe's epochs and lr (trainer.max_epochs and optim.optimizer.lr say them).
+SAID = {"task", "zeta", "defense", "attack.zeta", "attack.norm", "attack.target", "attack.eps", "attack.n_inputs",
+           "recipe.epochs", "recipe.lr", "data.epochs", "data.lr"}
 # shown first, and kept when another param always has the same values (data.seed is ${seed})
 FIRST = ["seed", "trainer.max_epochs", "data.image_size", "data.root", "model.arch"]
 
@@ -55,8 +54,8 @@ def table_row(r: dict) -> tuple:
     return (r["data"], r["model"], r["attack"], r["target"], r["norm"])
 
 
-def groups_param(k: str) -> bool:
-    return not (k in IGNORED or k.startswith(IGNORED_PREFIXES) or k.rsplit(".", 1)[-1] in IGNORED_LEAVES)
+def groups_param(k: str, task: str = "attack") -> bool:
+    return not (k in SAID or is_display(k) or not read_by(k, task))
 
 
 def priority(k: str) -> tuple:
@@ -73,7 +72,8 @@ def config_columns(rows: list[dict], cell: Callable[[dict], tuple] = table_row,
     before it in every run (data.seed and seed) is left out. Where even that leaves two runs on one key,
     `fallback` ("run": the run id) tells them apart."""
     unique = unique or (lambda r: (*cell(r), r["zeta"]))
-    cand = sorted({k for r in rows for k in r.get("params", {}) if groups_param(k) and keep(k)}, key=priority)
+    cand = sorted({k for r in rows for k in r.get("params", {})
+                   if groups_param(k, str(r["params"].get("task", "attack"))) and keep(k)}, key=priority)
     chosen: list[str] = []
 
     def value(r, k):

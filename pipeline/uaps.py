@@ -9,13 +9,12 @@
   candidates too, so the non-targeted rate is at least each targeted UAP's fooling rate.
 
 The UAPs these candidates come from are made first when missing, through a cache under
-`paths.cache_dir/uaps/` keyed by the classifier's weights, the input images, the attack config and the
-seed; a file lock per entry makes parallel jobs wait for the one that makes it. Each entry is made
-once, whichever job needs it first, and every job finds the same one.
+`paths.cache_dir/uaps/` (pipeline.cache) keyed by pipeline.identity.uap_key (the classifier's weights, the
+input images, the attack config, eps and the seed). Each entry is made once, by whichever job needs it first
+(the others wait for it), and every job finds the same one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -23,20 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from pipeline import files, precision
+from pipeline import files
 from pipeline.attack import UAP, new_attack, zeta_to_eps
 from pipeline.attack.initializer import check_budget, load_uap_file
+from pipeline.cache import Cache
 from pipeline.data import CXRDataModule, GrayDataset
 from pipeline.errors import ConfigError
+from pipeline.identity import uap_key
 
 log = logging.getLogger(__name__)
-
-# bumped when a code change alters what a search produces, so that older cached UAPs are not reused
-UAP_CACHE_VERSION = 1
-
 
 def input_set(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
     """The UAP's input set: `attack.input_split` (a split, or splits joined by '+', e.g. train+val), or a
@@ -95,9 +91,7 @@ def make_uap(cfg: DictConfig, dm: CXRDataModule, net, device) -> tuple[UAP, torc
         t0 = time.perf_counter()
         uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kwargs(cfg, device), seed=cfg.seed)
         return atk, uap, time.perf_counter() - t0
-    entry = Path(cfg.paths.cache_dir) / "uaps" / uap_key(cfg, atk, net, inputs, device)
-    entry.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(entry / ".lock")):
+    with Cache(cfg.paths.cache_dir, "uaps").claim(uap_key(cfg, atk.eps, net, inputs, device)) as entry:
         cached = read_entry(entry, atk)
         if cached is not None:
             return atk, *cached
@@ -126,26 +120,6 @@ def warm_candidates(cfg: DictConfig, dm: CXRDataModule, net, device, atk: UAP) -
             log.info("warm start: the targeted UAP to %s at zeta=%g%% (made first if not cached)", c, atk.zeta)
             out.append(make_uap(with_attack(cfg, target=c), dm, net, device)[1])
     return out
-
-
-def fingerprint(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def uap_key(cfg: DictConfig, atk: UAP, net, inputs: GrayDataset, device) -> str:
-    """Identity of a UAP: the classifier's weights, the input images and labels, the attack, eps, seed, device and
-    the precision of the search and of its exact rates."""
-    from pipeline.config import stable_hash
-    attack = OmegaConf.to_container(cfg.attack, resolve=True)
-    for k in ("uap_file", "project_uap_file", "name"):  # not what the search does
-        attack.pop(k, None)
-    blob = {"weights": fingerprint(net.state_dict().values()), "inputs": fingerprint([inputs.images, inputs.labels]),
-            "attack": attack, "eps": f"{atk.eps:.10g}", "seed": cfg.seed, "device": torch.device(device).type,
-            "precision": precision.describe(precision.modes_of(net)), "version": UAP_CACHE_VERSION}
-    return stable_hash(blob)
 
 
 def read_entry(entry: Path, atk: UAP) -> tuple[torch.Tensor, float] | None:

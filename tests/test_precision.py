@@ -77,8 +77,7 @@ def test_bf16_close_calls_are_predicted_again_in_fp32():
 
 
 def test_the_classifier_cache_key_and_job_identity_include_the_precision():
-    from pipeline.classifier import classifier_key
-    from pipeline.sweep import job_hash
+    from pipeline.identity import classifier_key, job_hash
     a, b = make_cfg(["precision=32"]), make_cfg(["precision=bf16"])
     assert classifier_key(a) != classifier_key(b) and job_hash(a) != job_hash(b)
 

@@ -13,8 +13,9 @@ import torch
 from conftest import FAST, ROOT, make_cfg, mlflow_runs, run_cli
 
 from pipeline.attack.initializer import check_budget, load_uap_file
-from pipeline.classifier import classifier_key, train_or_load
+from pipeline.classifier import train_or_load
 from pipeline.errors import ConfigError
+from pipeline.identity import classifier_key, job_hash
 
 
 def start(args, root):
@@ -174,25 +175,24 @@ def test_edited_data_is_a_new_classifier_and_a_new_job(tmp_path):
     """The classifier cache key and the sweep's job hash follow the data actually read, not its path."""
     from test_data import good_lines, write_set
 
-    from pipeline import sweep
     data = tmp_path / "set"
     write_set(data, good_lines("tr"), good_lines("te"))
     cfg = make_cfg(["data=covidx", f"data.root={data}", "data.train_dir=images", "data.test_dir=images",
                     "data.image_size=32"], tmp_path)
     assert classifier_key(cfg) != classifier_key(make_cfg(["data=covidx", f"data.root={tmp_path}",
                                                            "data.image_size=32"]))
-    key, job = classifier_key(cfg), sweep.job_hash(cfg)
-    assert (classifier_key(cfg), sweep.job_hash(cfg)) == (key, job)  # stable while nothing changes
+    key, job = classifier_key(cfg), job_hash(cfg)
+    assert (classifier_key(cfg), job_hash(cfg)) == (key, job)  # stable while nothing changes
     train = data / "train.txt"
     train.write_text(train.read_text().replace(" normal src", " pneumonia src", 1))  # one label edited
-    assert classifier_key(cfg) != key and sweep.job_hash(cfg) != job
+    assert classifier_key(cfg) != key and job_hash(cfg) != job
     train.write_text(train.read_text().replace(" pneumonia src", " normal src", 1))
     assert classifier_key(cfg) == key
     img = next((data / "images").iterdir())
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))  # touched: the same bytes
-    assert (classifier_key(cfg), sweep.job_hash(cfg)) == (key, job)
+    assert (classifier_key(cfg), job_hash(cfg)) == (key, job)
     img.write_bytes(img.read_bytes()[:-4] + b"\0\0\0\0")  # an image rewritten
-    assert classifier_key(cfg) != key and sweep.job_hash(cfg) != job
+    assert classifier_key(cfg) != key and job_hash(cfg) != job
 
 
 def test_make_ui_and_server_bind_localhost_unless_mlflow_host_is_set():

@@ -139,11 +139,11 @@ def test_resume_is_scoped_to_the_sweep_and_to_the_code_version(tmp_path, monkeyp
     import mlflow
     from conftest import make_cfg
 
-    from pipeline import classifier, sweep
+    from pipeline import identity, sweep
     cfg = make_cfg(["zeta=2"], tmp_path)
-    jhash = sweep.job_hash(cfg)
-    assert sweep.job_hash(make_cfg(["zeta=2.0", "sweep_name=other"], tmp_path)) == jhash  # same job, any sweep
-    assert sweep.job_hash(make_cfg(["zeta=4"], tmp_path)) != jhash
+    jhash = identity.job_hash(cfg)
+    assert identity.job_hash(make_cfg(["zeta=2.0", "sweep_name=other"], tmp_path)) == jhash  # same job, any sweep
+    assert identity.job_hash(make_cfg(["zeta=4"], tmp_path)) != jhash
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = mlflow.create_experiment("e")
     with mlflow.start_run(experiment_id=exp) as run:
@@ -152,5 +152,5 @@ def test_resume_is_scoped_to_the_sweep_and_to_the_code_version(tmp_path, monkeyp
     assert sweep.finished_run(exp, jhash, "targets") == run.info.run_id
     assert sweep.finished_run(exp, jhash, "paper") is None
     assert sweep.finished_run(exp, jhash, None) is None
-    monkeypatch.setattr(classifier, "CACHE_VERSION", classifier.CACHE_VERSION + 1)
-    assert sweep.job_hash(cfg) != jhash
+    monkeypatch.setattr(identity, "CLASSIFIER_VERSION", identity.CLASSIFIER_VERSION + 1)
+    assert identity.job_hash(cfg) != jhash
