@@ -51,14 +51,14 @@ results:  ## the paper's grid on ../shared/data/cxr3 with strong_uap (144 jobs, 
 	$(PYTHON) -m pipeline +sweep=cxr3_paper -m $(ARGS)
 	$(PYTHON) -m pipeline.report --sweep cxr3_paper --out outputs/report_cxr3
 
-bench:  ## UAP generation side by side with ART (writes docs/benchmarks.md; ARGS="--quick" for a smoke run)
+bench:  ## UAP generation side by side with ART (tables in outputs/bench/benchmarks.md; ARGS="--out docs/benchmarks.md" updates the docs, "--quick" a smoke run)
 	$(PYTHON) -m pipeline.bench $(ARGS)
 
 transfer:  ## transferability matrix of UAPs across models (ARGS="transfer.models=[tiny,resnet18] data=cxr3")
-	$(PYTHON) -m pipeline.transfer $(ARGS)
+	$(PYTHON) -m pipeline task=transfer $(ARGS)
 
 defense:  ## UAP adversarial fine-tuning rounds (ARGS="defense.rounds=5 data=cxr3")
-	$(PYTHON) -m pipeline defense=uap_finetune $(ARGS)
+	$(PYTHON) -m pipeline task=defense $(ARGS)
 
 min-zeta:  ## smallest zeta reaching a target FR, by bisection (ARGS="min_zeta.target_fr=0.8 data=cxr3")
 	$(PYTHON) -m pipeline task=min_zeta $(ARGS)

@@ -5,16 +5,15 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import CONF
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline")
-CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: the same for every entry module
 
 
 def is_multirun() -> bool:
@@ -106,12 +105,12 @@ def main(cfg: DictConfig) -> float | None:
     return None if metrics is None else metrics.get("test_fr", metrics.get("test_acc"))
 
 
-def cli(config_name: str = "config") -> None:
-    """`python -m pipeline` (conf/config.yaml; `python -m pipeline.transfer`: conf/transfer.yaml). A sweep
-    exits 1 when a job did not finish (listed at its end), 128 + signal when interrupted."""
+def cli() -> None:
+    """`python -m pipeline` (conf/config.yaml). A sweep exits 1 when a job did not finish (listed at its end),
+    128 + signal when interrupted."""
     from pipeline import sweep
     try:
-        hydra.main(version_base="1.3", config_path=CONF, config_name=config_name)(main)()
+        hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(main)()
     except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns an interruption into SystemExit(1)
         if isinstance(e, SystemExit) and sweep.State.signal is None:
             raise  # a plain exit (a user error's 2)

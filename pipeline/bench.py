@@ -34,9 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import CONF
+from pipeline.progress import quiet_libraries
+
 log = logging.getLogger("pipeline.bench")
 ROOT = Path(__file__).resolve().parents[1]
-CXR3 = ROOT.parent / "shared" / "data" / "cxr3"
 
 
 # our rows: attack configs (conf/attack) and overrides, each run with the bench's zeta, step, delta, passes, batch
@@ -87,24 +89,31 @@ class PeakRSS:
 
 def setup_overrides(args) -> list[str]:
     """The config overrides of the bench's data and model."""
-    real = args.data == "cxr3" or (args.data == "auto" and (CXR3 / "train.txt").is_file())
+    cxr3 = cxr3_root()
+    real = args.data == "cxr3" or (args.data == "auto" and (cxr3 / "train.txt").is_file())
     overrides = [f"model={args.model}", f"seed={args.seed}", f"precision={args.precision}",
                  "trainer.enable_progress_bar=false"]
-    # cxr3's configured root (../shared/data/cxr3) when it resolves from here, so that the classifier cache
-    # entry of `python -m pipeline data=cxr3 model=...` run from the project root is the one used
-    here = (Path.cwd() / "../shared/data/cxr3").resolve() == CXR3.resolve()
-    overrides += (["data=cxr3", "data.image_size=128"] + ([] if here else [f"data.root={CXR3}"]) if real
+    # cxr3's configured root when it resolves from here, so that the classifier cache entry of
+    # `python -m pipeline data=cxr3 model=...` run from the project root is the one used
+    here = Path(str(compose_config(["data=cxr3"]).data.root)).resolve() == cxr3
+    overrides += (["data=cxr3", "data.image_size=128"] + ([] if here else [f"data.root={cxr3}"]) if real
                   else ["data=phantom", "data.image_size=128"])
     if args.device == "cuda":
         overrides.append("trainer=gpu")
     return overrides
 
 
+def cxr3_root() -> Path:
+    """The configured cxr3 folder (conf/data/cxr3.yaml's root), relative to the project root."""
+    return (ROOT / str(compose_config(["data=cxr3"]).data.root)).resolve()
+
+
 def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    """The pipeline's own config (pipeline.config.compose), its paths under the project root."""
     from omegaconf import open_dict
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+
+    from pipeline.config import compose
+    cfg = compose(overrides)
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
     return cfg
@@ -258,36 +267,16 @@ def bench(args) -> tuple[list[Row], dict]:
     return tables, info
 
 
-# `--study`: every method and variant tried against one model; each row is what `python -m pipeline` makes
-# with these overrides (on the model's whole input set, the training split), warm-start candidates included
-KEEP_BEST = ["attack=sgd_uap", "attack.keep=best"]
-STUDY = [
-    ("sgd_uap, 3 passes (the original grid)", ["attack=sgd_uap", "attack.max_iter=3"]),
-    ("sgd_uap, 10 passes, best iterate", [*KEEP_BEST, "attack.max_iter=10"]),
-    ("step schedule: lr 0.3, cosine decay, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/step_rule=adam_cosine",
-                                                       "attack.step_rule.lr=0.3"]),
-    ("objective: unclamped cross-entropy, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack.objective.clamp=null"]),
-    ("objective: leave_class, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/objective=leave_class"]),
-    ("objective: margin (kappa 5), 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/objective=margin"]),
-    ("objective: soft_count (T 0.3), 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/objective=soft_count",
-                                                  "attack.objective.temperature=0.3"]),
-    ("sign steps (FGSM rule, always accepted), 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack/step_rule=fgsm",
-                                                           "attack.step=0.002"]),
-    ("batch 8, 3 passes", [*KEEP_BEST, "attack.max_iter=3", "attack.batch_size=8"]),
-    ("batch 128, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack.batch_size=128"]),
-    ("2 random restarts x 3 passes", [*KEEP_BEST, "attack.max_iter=3", "attack.restarts=2"]),
-    ("augmented input images, 5 passes", [*KEEP_BEST, "attack.max_iter=5",
-                                          "attack.augment={shift:0.06,scale:0.08,rotate:5,brightness:0.1,contrast:0.1}"]),
-    ("larger input set: train+val, 5 passes", [*KEEP_BEST, "attack.max_iter=5", "attack.input_split=train+val"]),
-    ("fgsm_uap (the paper's algorithm, batched), 15 passes", ["attack=fgsm_uap"]),
-    ("fgsm_uap_faithful (as ART), 5 passes", ["attack=fgsm_uap_faithful", "attack.max_iter=5"]),
-    ("strong_uap without warm starts", ["attack=strong_uap", "attack.warm_start=null"]),
-    ("strong_uap, targeted candidates only (no zeta ladder)", ["attack=strong_uap", "attack.warm_start.zetas=[]"]),
-]
+def study_rows() -> list[tuple[str, list[str]]]:
+    """The study's rows (conf/bench/study.yaml): a name and the overrides that make it."""
+    from omegaconf import OmegaConf
+    rows = OmegaConf.load(CONF / "bench" / "study.yaml").rows
+    return [(str(r.name), [str(o) for o in r.overrides]) for r in rows]
 
 
 def study(args) -> tuple[str, list[dict]]:
-    """Each STUDY row made from an empty UAP cache and timed whole; FR (TSR) on the input set and on test."""
+    """Each study row (conf/bench/study.yaml) made from an empty UAP cache and timed whole; FR (TSR) on the input
+    set and on test."""
     import tempfile
 
     from omegaconf import open_dict
@@ -303,8 +292,9 @@ def study(args) -> tuple[str, list[dict]]:
             f"attack.target={args.target if args.targeted else 'null'}"]
     record = study_record(args)
     done = json.loads(record.read_text()) if record.is_file() else {}
-    chosen = parse_rows(args.rows, len(STUDY))
-    for i, (name, overrides) in enumerate(STUDY, 1):
+    rows_of = study_rows()
+    chosen = parse_rows(args.rows, len(rows_of))
+    for i, (name, overrides) in enumerate(rows_of, 1):
         if i not in chosen:
             if name in done:
                 log.warning("study: %-45s (measured earlier, read from %s)", name, record)
@@ -326,7 +316,7 @@ def study(args) -> tuple[str, list[dict]]:
         tmp = record.with_suffix(".tmp")
         tmp.write_text(json.dumps(done, indent=1))
         os.replace(tmp, record)  # a row, once measured, survives an interrupted study
-    rows = [done[name] for name, _ in STUDY if name in done]
+    rows = [done[name] for name, _ in rows_of if name in done]
     head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
             f"{'TSR' if args.targeted else 'FR'} test", "returned"]
     from pipeline.tables import md_table
@@ -580,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record-every", type=int, default=0,
                     help="also measure the exact input-set FR every k steps, off the clock (finer 'reached at' times)")
     ap.add_argument("--study", action="store_true",
-                    help="instead of the ART comparison: every method and variant of STUDY against --model (use "
+                    help="instead of the ART comparison: every method and variant of conf/bench/study.yaml against "
+                         "--model (use "
                          "--norm, --zeta, --target with --targeted), on its whole input set")
     ap.add_argument("--norm", default="linf", choices=["linf", "l2"], help="--study: the norm")
     ap.add_argument("--targeted", action="store_true", help="--study: targeted to --target")
@@ -590,28 +581,30 @@ def main(argv: list[str] | None = None) -> int:
                          "afresh)")
     ap.add_argument("--seed", type=int, default=42,
                     help="seed (42: the pipeline's default, so the cached classifier is reused)")
-    ap.add_argument("--out", default=None, help="markdown file for the tables (default docs/benchmarks.md; "
-                                                "--quick: none)")
+    ap.add_argument("--out", default=None, help="markdown file the tables go into, as a section per command (default "
+                                                "outputs/bench/benchmarks.md; --quick: none; --out docs/benchmarks.md "
+                                                "updates the documented numbers)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n_images, args.max_iter = min(args.n_images, 48), 2
     logging.basicConfig(level=logging.WARNING)
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_libraries()  # as the main job: no library banners or warnings between the tables
     cmd = " ".join(["python -m pipeline.bench", *(argv if argv is not None else sys.argv[1:])])
+    cmd = re.sub(r" --out[ =]\S+", "", cmd)  # where the section is written is not part of what it measured
+    doc = Path(args.out) if args.out else (None if args.quick else ROOT / "outputs" / "bench" / "benchmarks.md")
     if args.study:
         cmd = re.sub(r" --rows[ =]\S+", "", cmd)  # one section per study, however many runs measured its rows
         table, _ = study(args)
         text = f"Machine: {machine(args.device)}; {versions()}.\n\n{table}"
         print(text)
-        if args.out or not args.quick:
-            write_doc(Path(args.out or ROOT / "docs" / "benchmarks.md"), cmd, text)
+        if doc:
+            write_doc(doc, cmd, text)
         return 0
     if args.precision_check:
         text = f"Machine: {machine(args.device)}; {versions()}.\n\n{precision_check(args)}"
         print(text)
-        if not args.quick:
-            write_doc(Path(args.out or ROOT / "docs" / "benchmarks.md"), cmd, text)
+        if doc:
+            write_doc(doc, cmd, text)
         return 0
     tables, info = bench(args)
     parts = [f"Machine: {machine(args.device)}; {versions()}.",
@@ -640,9 +633,9 @@ def main(argv: list[str] | None = None) -> int:
         last += f" precision_speedup={pass_ratio:.2f}"
     text = "\n".join(parts)
     print(text)
-    out = args.out or (None if args.quick else str(ROOT / "docs" / "benchmarks.md"))
-    if out:
-        write_doc(Path(out), cmd, text)
+    if doc:
+        write_doc(doc, cmd, text)
+        print(f"tables written to {doc}")
     print(last)
     return 0
 

@@ -1,11 +1,16 @@
-"""Checks on the composed config, run before any work: a bad value names its key and what is allowed."""
+"""The composed config: composing it outside a Hydra app (report, bench, transfer) and the checks run before any
+work, where a bad value names its key and what is allowed."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from pipeline import CONF
 from pipeline.attack import new_attack
 from pipeline.data import MAX_IMAGE_SIZE
 from pipeline.errors import ConfigError
@@ -31,7 +36,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs={epochs}: expected an integer >= 1")
     lr = cfg.optim.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr <= 1:
-        raise ConfigError(f"optim.optimizer.lr={lr!r} (data.lr with optim=adamw_onecycle): expected a number in (0, 1]")
+        raise ConfigError(f"optim.optimizer.lr={lr!r} (recipe.lr with optim=adamw_onecycle): "
+                          f"expected a number in (0, 1]")
     a = cfg.attack  # the keys around the search here; the module's own (norm, zeta, target...) by new_attack below
     least = 1 if a.get("step_rule") else 0  # a search needs a pass; the random control has none
     if not isinstance(a.max_iter, int) or a.max_iter < least:
@@ -85,3 +91,24 @@ def check_min_zeta(m: DictConfig) -> None:
     if float(m.tol) <= 0 or int(m.max_probes) < 2:
         raise ConfigError(f"min_zeta.tol={m.tol}, min_zeta.max_probes={m.max_probes}: "
                           "expected tol > 0, max_probes >= 2")
+
+
+def compose(overrides: list[str] = ()) -> DictConfig:
+    """conf/config.yaml with these overrides, as `python -m pipeline` composes it (for the report, the bench and
+    the transfer task: one set of defaults for every entry point)."""
+    if GlobalHydra.instance().is_initialized():  # inside `python -m pipeline` (task=transfer): Hydra's own loader
+        return hydra_compose(config_name="config", overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (conf/<group>/*.yaml), without the bases they share (`_timm.yaml`)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def compose_group(group: str, option: str) -> DictConfig:
+    """One option of a config group, composed through Hydra (its defaults, such as a shared base, applied)."""
+    if option not in group_options(group):
+        raise ConfigError(f"{group}={option!r}: unknown; expected one of {group_options(group)}")
+    return compose([f"{group}={option}"])[group]

@@ -110,10 +110,7 @@ class CXRDataModule(pl.LightningDataModule):
 
     def __init__(self, classes: Sequence[str] = COVIDX_CLASSES, image_size: int = 224, val_fraction: float = 0.1,
                  seed: int = 0, batch_size: int = 32, num_workers: int = 0, augment: dict | None = None,
-                 epochs: int | None = None, lr: float | None = None, class_weights: str | None = None):
-        # `epochs` and `lr` are the data set's training recipe, read by the trainer and optim configs
-        # (trainer.max_epochs: ${data.epochs}, optim.optimizer.lr: ${data.lr}); accepted here so that `data`
-        # instantiates as it is
+                 class_weights: str | None = None):
         super().__init__()
         self.classes = list(classes)
         self.image_size = int(image_size)

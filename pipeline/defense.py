@@ -1,4 +1,4 @@
-"""Adversarial fine-tuning with UAPs (`python -m pipeline defense=uap_finetune`).
+"""Adversarial fine-tuning with UAPs (`python -m pipeline task=defense`, conf/defense/uap_finetune.yaml).
 
 Round 0 measures the undefended model. Each round r >= 1 fine-tunes the model on the training split
 with the UAP made against the model of round r-1 on `fraction` of every batch (true labels kept),

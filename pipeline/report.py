@@ -2,6 +2,7 @@
 
     python -m pipeline.report                         # every attack run of the experiment
     python -m pipeline.report --sweep norm_grid       # the runs of a sweep, by name or parent run id
+    python -m pipeline.report tracking=server         # the store is the config's (conf/tracking/), as for the jobs
     make report ARGS="--sweep <parent run id>"
 
 Writes to outputs/report/ (or --out): results.csv (one row per run) and results.md (the classifiers' clean
@@ -33,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.config import compose
 from pipeline.metrics import wilson
 from pipeline.tables import TARGET_ORDER, assign_groups, group_key, group_label, headline, sort_key, write_tables
 from pipeline.tracking import complete, flat_metrics, model_name, run_target, store_uri
@@ -229,21 +231,26 @@ def plot_confusions(rows: list[dict], out: Path, zeta: float) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: ./mlflow.db)")
-    ap.add_argument("--busy-timeout", type=float, default=300,
-                    help="seconds to wait for a SQLite store another process holds (default 300)")
-    ap.add_argument("--experiment", default="uap-cxr", help="MLflow experiment name (default: uap-cxr)")
+    ap.add_argument("overrides", nargs="*", help="config overrides, as for python -m pipeline (tracking=server, "
+                                                 "tracking.experiment=...): the store the jobs wrote to")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow store (default: the config's tracking.uri)")
+    ap.add_argument("--busy-timeout", type=float, default=None,
+                    help="seconds to wait for a SQLite store another process holds (default: tracking.busy_timeout)")
+    ap.add_argument("--experiment", default=None, help="MLflow experiment name (default: tracking.experiment)")
     ap.add_argument("--sweep", default=None, help="a sweep's parent run id or sweep name (default: all runs)")
     ap.add_argument("--out", default="outputs/report", help="output folder (default: outputs/report)")
     ap.add_argument("--zeta", type=float, default=2.0,
                     help="headline zeta for the UAP and confusion panels (default 2)")
     args = ap.parse_args(argv)
+    tr = compose(args.overrides).tracking  # the defaults the jobs used: one place for them (conf/tracking/)
+    uri, experiment = args.tracking_uri or str(tr.uri), args.experiment or str(tr.experiment)
+    busy = args.busy_timeout if args.busy_timeout is not None else tr.get("busy_timeout")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded figure
-    mlflow.set_tracking_uri(store_uri(args.tracking_uri, args.busy_timeout))  # waits while a job holds the store
+    mlflow.set_tracking_uri(store_uri(uri, busy))  # waits while a job holds the store
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row_of(r) for r in select_runs(args.experiment, args.sweep)]
+    rows = [row_of(r) for r in select_runs(experiment, args.sweep)]
     assign_groups(rows)  # the config columns that tell runs of one model / attack / target / norm apart
     rows.sort(key=sort_key)
     files = [*write_tables(rows, out, args.zeta), plot_vs_zeta(rows, out), plot_uaps(rows, out, args.zeta),

@@ -2,7 +2,7 @@
 results.md built from its rows (one dict per run, pipeline.report.row_of).
 
 Runs of different configs can share model / attack / target / norm / zeta (a default run, one with
-`seed=7 data.epochs=3`, a sweep): `assign_groups` finds the config params that tell them apart, every table
+`seed=7 recipe.epochs=3`, a sweep): `assign_groups` finds the config params that tell them apart, every table
 shows those as columns (none in a plain sweep), and every row names the runs it comes from."""
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ TARGET_ORDER = {"non-targeted": 0, "normal": 1, "pneumonia": 2, "COVID-19": 3}
 # settings of tasks a run is not: what is a column already (model, attack, target, norm, zeta) or follows from
 # it (eps, input count), and the recipe's epochs and lr (trainer.max_epochs and optim.optimizer.lr say them).
 SAID = {"task", "zeta", "defense", "attack.zeta", "attack.norm", "attack.target", "attack.eps", "attack.n_inputs",
-           "recipe.epochs", "recipe.lr", "data.epochs", "data.lr"}
+           "recipe.epochs", "recipe.lr",
+        "data.epochs", "data.lr"}  # where stores written by older code kept the recipe
 # shown first, and kept when another param always has the same values (data.seed is ${seed})
 FIRST = ["seed", "trainer.max_epochs", "data.image_size", "data.root", "model.arch"]
 

@@ -5,9 +5,9 @@ registered with `@task`, plus its config keys.
     train      the classifier only (trained, or loaded from the cache)
     attack     make the configured UAP, evaluate it and its random control (the default)
     evaluate   apply a saved UAP (attack.uap_file) to this data and classifier, e.g. another hospital's folder
-    defense    attack, then rounds of UAP adversarial fine-tuning (defense=uap_finetune sets this task)
+    defense    attack, then rounds of UAP adversarial fine-tuning (conf/defense/)
     min_zeta   the smallest zeta whose UAP reaches min_zeta.target_fr, by bisection
-    transfer   a UAP made on each of transfer.models, evaluated on every one (python -m pipeline.transfer)
+    transfer   a UAP made on each of transfer.models, evaluated on every one (make transfer)
 
 Inside a sweep a job runs under its claim (pipeline.sweep.claim): a job already FINISHED is skipped.
 """

@@ -1,7 +1,7 @@
-"""Transferability (`python -m pipeline task=transfer`, `python -m pipeline.transfer`): does a UAP made on
-one model fool another?
+"""Transferability (`python -m pipeline task=transfer`, `make transfer`): does a UAP made on one model fool
+another?
 
-    python -m pipeline.transfer transfer.models=[tiny,resnet18] data=cxr3 data.root=../shared/data/cxr3
+    python -m pipeline task=transfer transfer.models=[tiny,resnet18] data=cxr3
 
 For each model of `transfer.models` (config names under conf/model; trained once and cached like any
 run) the configured UAP is made on it, then evaluated on every model: a matrix of test FR (TSR when
@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import csv
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger("pipeline.transfer")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def model_config(name: str) -> DictConfig:
-    path = CONF / "model" / f"{name}.yaml"
-    if not path.is_file():
-        from pipeline.errors import ConfigError
-        valid = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-        raise ConfigError(f"transfer.models: unknown model {name!r}; expected names from {valid}")
-    return OmegaConf.load(path)
+    """conf/model/<name>.yaml, composed (its shared base applied); an unknown name names transfer.models."""
+    from pipeline.config import compose_group
+    from pipeline.errors import ConfigError
+    try:
+        return compose_group("model", name)
+    except ConfigError as e:
+        raise ConfigError(f"transfer.models: {e}") from None
 
 
 def run_transfer(cfg: DictConfig) -> dict:

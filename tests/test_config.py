@@ -5,17 +5,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, make_cfg, run_cli
+from conftest import make_cfg, run_cli
 from omegaconf import OmegaConf
 
-from pipeline.config import validate
+from pipeline.config import group_options, validate
 from pipeline.errors import ConfigError
 
 GROUPS = ["data", "model", "optim", "trainer", "attack", "norm", "tracking"]
 
 
 def options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return group_options(group)
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
@@ -57,7 +57,7 @@ def test_paper_models_have_configs():
     ("attack.zeta=0", "attack.zeta"), ("attack.zeta=150", "attack.zeta"), ("attack.zeta=-1", "attack.zeta"),
     ("attack.norm=l1", "attack.norm"), ("attack.target=flu", "attack.target"), ("attack.max_iter=0", "attack.max_iter"),
     ("data.image_size=16", "data.image_size"), ("trainer.max_epochs=-3", "trainer.max_epochs"),
-    ("data.lr=0", "data.lr"), ("optim.optimizer.lr=fast", "optim.optimizer.lr"),
+    ("recipe.lr=0", "recipe.lr"), ("optim.optimizer.lr=fast", "optim.optimizer.lr"),
 ])
 def test_bad_values_fail_validation_naming_the_key(override, key, tmp_path):
     cfg = make_cfg([override], tmp_path)

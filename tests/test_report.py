@@ -17,7 +17,7 @@ CLASSES = ["normal", "pneumonia", "COVID-19"]
 def params(**over) -> dict:
     """An attack run's params, as the pipeline logs them (flattened config)."""
     seed, epochs = over.pop("seed", 42), over.pop("epochs", 20)
-    p = {"task": "attack", "seed": seed, "data.seed": seed, "data.epochs": epochs, "trainer.max_epochs": epochs,
+    p = {"task": "attack", "seed": seed, "data.seed": seed, "recipe.epochs": epochs, "trainer.max_epochs": epochs,
          "data._target_": "pipeline.data.PhantomDataModule", "data.image_size": 64, "model.name": "tiny",
          "model.arch": "test_resnet", "attack.name": "fgsm_uap", "attack.norm": "linf", "attack.zeta": 2,
          "zeta": 2, "attack.target": "None", "attack.max_iter": 3, "sweep_name": "None",
@@ -38,7 +38,7 @@ def metrics(fr: float) -> dict:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Runs sharing model / attack / norm / zeta: the default config, `seed=7 data.epochs=3` (logged by an
+    """Runs sharing model / attack / norm / zeta: the default config, `seed=7 recipe.epochs=3` (logged by an
     older version: flat metric names, no model.name), and another model whose arch differs from its name."""
     root = tmp_path_factory.mktemp("report")
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
@@ -69,7 +69,8 @@ def report(store, tmp_path_factory):
     from pipeline.report import main
     root, ids = store
     out = tmp_path_factory.mktemp("out")
-    assert main(["--tracking-uri", f"sqlite:///{root}/mlflow.db", "--out", str(out)]) == 0
+    # the store named as the jobs name it: a config override (paths.root_dir here, tracking.uri follows it)
+    assert main([f"paths.root_dir={root}", "--out", str(out)]) == 0
     return out, ids, (out / "results.md").read_text()
 
 
@@ -83,7 +84,7 @@ def test_runs_of_one_cell_with_another_seed_get_rows_and_columns_of_their_own(re
     out, ids, md = report
     every = section(md, "### Every run")
     assert len(every) == 4
-    # seed and trainer.max_epochs tell them apart (data.seed, data.epochs: the same values; paths: ignored)
+    # seed and trainer.max_epochs tell them apart (data.seed, recipe.epochs: the same values; paths: ignored)
     assert [k for k in every[0] if "." in k or k == "seed"] == ["seed", "trainer.max_epochs"]
     tiny = [r for r in every if r["model"] == "tiny" and r["zeta (%)"] == "2"]
     assert sorted((r["seed"], r["trainer.max_epochs"], r["run"]) for r in tiny) == sorted(

@@ -15,7 +15,7 @@ ROW = {"data": "cxr3", "attack": "SGDUAP", "target": "non-targeted", "norm": "li
 MODEL = {"tiny_effnet", "test_efficientnet"}  # the report names it by model.name; the doc's older text by the arch
 # the same job as in the original grid (`+sweep=cxr3_paper attack=sgd_uap attack.max_iter=3`), with that grid's
 # classifier recipe (before the class-balanced one: lr 3e-3, 30 epochs, best epoch on a validation split, plain loss)
-ORIGINAL_RECIPE = ["data.lr=3e-3", "data.epochs=30", "data.val_fraction=0.1", "data.class_weights=null"]
+ORIGINAL_RECIPE = ["recipe.lr=3e-3", "recipe.epochs=30", "data.val_fraction=0.1", "data.class_weights=null"]
 ARGS = ["data=cxr3", "model=tiny_effnet", "attack=sgd_uap", "attack.max_iter=3", "norm=linf", "zeta=2",
         "trainer.enable_progress_bar=false", *ORIGINAL_RECIPE]
 # the table's columns, by its header (the report may add columns: config values that differ, run ids)

@@ -33,7 +33,7 @@ def with_cache(cache, root):
 
 def test_defense_lowers_the_fresh_uap_fooling_rate_and_keeps_accuracy(cache, tmp_path):
     with_cache(cache, tmp_path)
-    run_cli([*FAST, *ATTACK, "defense=uap_finetune", "defense.rounds=2", "defense.epochs=10"], tmp_path)
+    run_cli([*FAST, *ATTACK, "task=defense", "defense.rounds=2", "defense.epochs=10"], tmp_path)
     run = mlflow_runs(tmp_path).iloc[0]
     acc, fresh = history(run["run_id"], "defense_acc_clean"), history(run["run_id"], "defense_fr_fresh")
     prev = history(run["run_id"], "defense_fr_prev")
@@ -47,8 +47,7 @@ def test_defense_lowers_the_fresh_uap_fooling_rate_and_keeps_accuracy(cache, tmp
 def test_transfer_matrix_shape_range_and_white_box_diagonal(cache, tmp_path):
     with_cache(cache, tmp_path)
     models = ["tiny", "tiny_effnet"]
-    proc = run_cli([*FAST, *ATTACK, f"transfer.models=[{','.join(models)}]"],
-                   tmp_path, module="pipeline.transfer")
+    proc = run_cli([*FAST, *ATTACK, "task=transfer", f"transfer.models=[{','.join(models)}]"], tmp_path)
     assert "transfer matrix" in proc.stdout + proc.stderr
     runs = mlflow_runs(tmp_path)
     assert len(runs) == 1
