@@ -1,8 +1,18 @@
-"""The synthetic phantom chest radiographs of the default data set (pipeline.data.PhantomDataModule): a
-chest silhouette, two lung fields, class-specific findings, random anatomy, contrast and noise."""
+"""The synthetic phantom set, the embedded default (no files): chest radiographs rendered in memory with a chest
+silhouette, two lung fields, class-specific findings (normal: clear; pneumonia: dense lobar opacity; COVID-19:
+bilateral peripheral ground-glass patches), random anatomy, contrast and noise. Deterministic under its seed."""
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
+import torch
+
+from pipeline.data.base import CXRDataModule, GrayDataset
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _blob(X, Y, cx, cy, sx, sy, sharp=4.0):
@@ -53,3 +63,40 @@ def render_phantom(label: int, size: int, rng: np.random.Generator, noise: float
     img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.2)
     img = img + rng.normal(0, noise, img.shape)
     return np.clip(img, 0, 1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- phantom
+
+class PhantomDataModule(CXRDataModule):
+    """Synthetic CXR-like phantoms built in memory; balanced classes, deterministic under `seed`."""
+
+    def __init__(self, n_train: int = 600, n_test: int = 300, noise: float = 0.04, finding_strength: float = 0.7, **kw):
+        super().__init__(**kw)
+        if len(self.classes) != 3:
+            raise ConfigError(f"data.classes={self.classes}: the phantom has exactly 3 classes "
+                              "(normal, pneumonia, COVID-19)")
+        for key, val in (("n_train", n_train), ("n_test", n_test)):
+            if int(val) < 3 * 2:
+                raise ConfigError(f"data.{key}={val}: expected an integer >= 6 (at least 2 images per class)")
+        self.n = {"train": int(n_train), "test": int(n_test)}
+        self.noise = float(noise)
+        self.strength = float(finding_strength)
+
+    def fingerprint_parts(self) -> list[bytes]:
+        """The phantom is generated from its parameters: they are its data."""
+        params = {"n_train": self.n["train"], "n_test": self.n["test"], "noise": self.noise,
+                  "finding_strength": self.strength, "seed": self.seed, "image_size": self.image_size,
+                  "classes": self.classes}
+        return [b"phantom", json.dumps(params, sort_keys=True).encode()]
+
+    def load_splits(self):
+        out = []
+        for k, split in enumerate(("train", "test")):
+            rng = np.random.default_rng([self.seed, k])
+            n = self.n[split]
+            labels = np.arange(n) % 3
+            rng.shuffle(labels)
+            imgs = np.stack([render_phantom(int(c), self.image_size, rng, self.noise, self.strength) for c in labels])
+            u8 = torch.from_numpy(np.round(imgs * 255).astype(np.uint8)[:, None])
+            out.append(GrayDataset(u8, torch.from_numpy(labels), [f"{split}-{i}" for i in range(n)]))
+        return tuple(out)
