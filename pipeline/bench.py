@@ -155,8 +155,8 @@ def sync(device):
 
 
 def fr_of(net, ds, v, clean, target, device) -> float:
-    from pipeline.evaluate import predict
-    from pipeline.metrics import attack_rate
+    from pipeline.eval.metrics import attack_rate
+    from pipeline.eval.predictions import predict
     p = predict(net, ds, {"v": v}, device=device)["v"]
     return attack_rate(clean, p, target)
 
@@ -243,7 +243,7 @@ def bench(args) -> tuple[list[Row], dict]:
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_images].sort().values
     x, y = train.subset(idx).tensors()
     eps = zeta_to_eps(x[:, :1], args.zeta, "linf")
-    from pipeline.evaluate import predict
+    from pipeline.eval.predictions import predict
     clean_test = predict(net, test, {"c": None}, device=device)["c"]
     floor = floor_seconds(net, x, args.batch_size, device)
     info = {"data": cfg.data._target_.rsplit(".", 1)[-1] + (" (cxr3)" if "Covidx" in cfg.data._target_ else ""),
@@ -281,8 +281,8 @@ def study(args) -> tuple[str, list[dict]]:
 
     from omegaconf import open_dict
 
-    from pipeline.evaluate import predict
-    from pipeline.uaps import make_uap
+    from pipeline.attack.build import make_uap
+    from pipeline.eval.predictions import predict
     device = torch.device(args.device)
     _, dm, net = load_setup(args)
     net = net.to(device)
@@ -319,7 +319,7 @@ def study(args) -> tuple[str, list[dict]]:
     rows = [done[name] for name, _ in rows_of if name in done]
     head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
             f"{'TSR' if args.targeted else 'FR'} test", "returned"]
-    from pipeline.tables import md_table
+    from pipeline.report.tables import md_table
     table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", str(r["passes"]),
                              f"{r['fr_input']:.3f}", f"{r['fr_test']:.3f}", r["from"]] for r in rows])
     return table, rows
@@ -352,7 +352,7 @@ def parse_rows(spec: str | None, n: int) -> set[int]:
 
 def eval_throughput(net, ds, eps, device) -> float:
     """Evaluation (clean + UAP + random in one pass) vs the raw forward over the same 3 x N images."""
-    from pipeline.evaluate import eval_batch, predict
+    from pipeline.eval.predictions import eval_batch, predict
     v = torch.full((1, ds.images.shape[-2], ds.images.shape[-1]), eps)
     x = ds.tensors()[0]
     best_raw = best_eval = float("inf")
@@ -384,7 +384,7 @@ def precision_table(args, device) -> str:
     warm-up, pipeline.precision.measure), and the mode precision=auto picks, measured on its own."""
     from pipeline import precision
     from pipeline.classifier import build_net
-    from pipeline.transferability import model_config
+    from pipeline.tasks.transfer import model_config
     models = [("tiny", 64, 8)] if args.quick else PRECISION_MODELS
     modes = precision.MODES[1:]  # each as a ratio to fp32
     head = ["model", "px", "batch", "loop", "fp32 img/s", *[f"{m} / fp32" for m in modes], "auto picks",
@@ -411,7 +411,7 @@ def precision_speedup(args, device) -> tuple[float, float, str]:
     (interleaved, after a warm-up round). Returns (pass ratio, evaluation ratio, auto's modes)."""
     from pipeline import precision
     from pipeline.attack import new_attack
-    from pipeline.evaluate import predict
+    from pipeline.eval.predictions import predict
     a = argparse.Namespace(**{**vars(args), "model": "resnet18"})
     cfg, dm, net = load_setup(a)
     net = net.to(device)
@@ -449,9 +449,9 @@ def precision_check(args) -> str:
     and the share of predictions (clean and with the UAP, train and test images) that a bf16 evaluation, raw or
     with the fp32 recheck of close calls, gives differently from fp32."""
     from pipeline import precision
-    from pipeline.evaluate import predict
-    from pipeline.metrics import fooling_rate, wilson
-    from pipeline.uaps import make_uap
+    from pipeline.attack.build import make_uap
+    from pipeline.eval.metrics import fooling_rate, wilson
+    from pipeline.eval.predictions import predict
     device = torch.device(args.device)
     bf16 = precision.Mode(True, True)
     lines = ["| model | clean test acc (fp32) | UAP searched in | search s | test FR, fp32 evaluation | 95 % interval "

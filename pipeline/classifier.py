@@ -27,8 +27,8 @@ from omegaconf import DictConfig
 from pipeline import files, precision, progress
 from pipeline.cache import Cache
 from pipeline.errors import ConfigError, UserError
+from pipeline.eval.metrics import accuracy, class_metrics
 from pipeline.identity import classifier_identity, classifier_key
-from pipeline.metrics import accuracy, class_metrics
 
 log = logging.getLogger(__name__)
 

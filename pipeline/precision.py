@@ -245,11 +245,20 @@ def choose(precision: str, arch: str, make_net, loop: str, batch: int, image_siz
     return mode
 
 
+def device_for(cfg) -> torch.device:
+    """The device the config's trainer names (trainer=gpu: CUDA, which must be there)."""
+    acc = str(cfg.trainer.get("accelerator", "cpu"))
+    if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if acc in ("gpu", "cuda"):
+        raise ConfigError("trainer=gpu but no CUDA device is available: use trainer=cpu")
+    return torch.device("cpu")
+
+
 def loop_batches(cfg) -> dict[str, int]:
     """The batch each loop runs at: data.batch_size (training), attack.batch_size (1 with per_image), the
     evaluation's (pipeline.evaluate.eval_batch) split over the three stacked inputs of an evaluation."""
-    from pipeline.evaluate import eval_batch
-    from pipeline.experiment import device_for
+    from pipeline.eval.predictions import eval_batch  # it imports this module: imported when first used
     a = cfg.attack
     return {"train": int(cfg.data.batch_size),
             "attack": 1 if a.get("per_image") else int(a.get("batch_size", 32)),
@@ -258,8 +267,7 @@ def loop_batches(cfg) -> dict[str, int]:
 
 def resolve(cfg) -> dict[str, Mode]:
     """The mode of each loop for this config's model, data and device."""
-    from pipeline.classifier import build_net
-    from pipeline.experiment import device_for
+    from pipeline.classifier import build_net  # it imports this module: imported when first used
     device = device_for(cfg)
     m = cfg.model
     table = Path(cfg.paths.cache_dir) / "precision.json" if cfg.get("paths") else None

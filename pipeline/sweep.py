@@ -27,12 +27,10 @@ import os
 import signal
 import socket
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -64,15 +62,15 @@ def finished_run(experiment_id: str, jhash: str, sweep_name: str | None) -> str 
     is run again rather than left out."""
     filt = f"tags.job_hash = '{jhash}' and attributes.status = 'FINISHED'"
     filt += f" and tags.sweep = '{sweep_name}'" if sweep_name else " and tags.sweep IS NULL"
-    runs = mlflow.search_runs([experiment_id], filter_string=filt, max_results=100, output_format="list")
+    runs = tracking.search(experiment_id, filt, max_results=100)
     return next((r.info.run_id for r in runs if tracking.complete(r)), None)
 
 
 def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:
     """One row per job (by job hash) among the parent's children: its FINISHED run if it has one (a job
     KILLED and later redone counts once, as finished), else its latest run."""
-    runs = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              output_format="list", max_results=10000, order_by=["attributes.start_time ASC"])
+    runs = tracking.search(experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'",
+                           order_by=["attributes.start_time ASC"])
     jobs: dict[str, Any] = {}
     for r in runs:
         key = r.data.tags.get("job_hash", r.info.run_id)
@@ -110,7 +108,7 @@ def headline(rows: list[dict]) -> dict[str, float]:
 
 def write_summary(rows: list[dict], path: Path) -> Path:
     cols = ["overrides", "status", *[m for m in SUMMARY_METRICS if any(m in r for r in rows)], "run_id"]
-    from pipeline.tables import md_table
+    from pipeline.report.tables import md_table
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     path.write_text(md_table(cols, [[fmt(r.get(c)) for c in cols] for r in rows]))
     return path
@@ -336,10 +334,9 @@ def interrupted() -> int:
     code = 128 + (State.signal or signal.SIGINT)
     if not State.run_id:
         return code
-    client = mlflow.MlflowClient()
-    mine = mlflow.search_runs([State.experiment_id], output_format="list", max_results=10000,
-                              filter_string=f"tags.mlflow.parentRunId = '{State.run_id}' and "
-                                            f"attributes.status = 'RUNNING' and tags.sweep_launcher = '{launcher()}'")
+    client = tracking.client()
+    mine = tracking.search(State.experiment_id, f"tags.mlflow.parentRunId = '{State.run_id}' and attributes.status"
+                                                f" = 'RUNNING' and tags.sweep_launcher = '{launcher()}'")
     for r in mine:
         client.set_tag(r.info.run_id, "error", "interrupted: the sweep was stopped")
         client.set_terminated(r.info.run_id, "KILLED")
@@ -387,9 +384,8 @@ class MLflowParentRun(Callback):
 
     def open_parent(self, config: DictConfig, shash: str, overrides: list[str], sweep_params: dict) -> str:
         """The parent run of this sweep: the same sweep again resumes under its parent (finished jobs skipped)."""
-        client = mlflow.MlflowClient()
-        previous = mlflow.search_runs([State.experiment_id], filter_string=f"tags.sweep_hash = '{shash}'",
-                                      max_results=1, output_format="list")
+        client = tracking.client()
+        previous = tracking.search(State.experiment_id, f"tags.sweep_hash = '{shash}'", max_results=1)
         if previous:
             run_id = previous[0].info.run_id
             client.update_run(run_id, status="RUNNING")
@@ -435,7 +431,7 @@ class MLflowParentRun(Callback):
     def close_parent(self, out: Path, jobs_failed: int) -> None:
         """The summary of the parent's children, and its end: FAILED when a child did not finish or a job of
         this process failed before it could open a run (a bad config value)."""
-        client = mlflow.MlflowClient()
+        client = tracking.client()
         rows = summary_rows(State.experiment_id, State.run_id)
         client.log_artifact(State.run_id, str(write_summary(rows, out / "summary.md")))
         with open(out / "summary.json", "w") as fh:
@@ -444,8 +440,7 @@ class MLflowParentRun(Callback):
         failed = sum(r["status"] not in DONE for r in rows)
         metrics = headline(rows)
         if metrics:
-            client.log_batch(State.run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
-                                                    for k, v in metrics.items()])
+            tracking.log_metrics_to(State.run_id, metrics)
         client.set_tag(State.run_id, "children", str(len(rows)))
         client.set_tag(State.run_id, "children_failed", str(failed))
         client.set_tag(State.run_id, "jobs_failed", str(jobs_failed))

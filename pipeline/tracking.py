@@ -8,6 +8,8 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -17,6 +19,7 @@ from typing import Any
 import mlflow
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
 
 from pipeline import files
 from pipeline.errors import StorageError, UserError
@@ -69,6 +72,30 @@ def store_uri(uri: str, busy_timeout: float | None = None) -> str:
     if db_file(uri) is None or not busy_timeout or "timeout=" in uri:
         return uri
     return f"{uri}{'&' if '?' in uri else '?'}timeout={float(busy_timeout):g}"
+
+
+def set_store(uri: str, busy_timeout: float | None = None) -> None:
+    """Point this process's MLflow at the store (a SQLite one waiting up to `busy_timeout` s for its lock)."""
+    mlflow.set_tracking_uri(store_uri(uri, busy_timeout))
+
+
+def client() -> mlflow.MlflowClient:
+    """A client of the store this process points at (runs other than the active one: a sweep's parent)."""
+    return mlflow.MlflowClient()
+
+
+def search(experiment_id: str, filter_string: str, order_by: list[str] | None = None,
+           max_results: int = 10000) -> list:
+    """The runs of an experiment that match an MLflow filter, as Run objects (their params, metrics and tags as
+    dicts, metric names with slashes kept)."""
+    return mlflow.search_runs([experiment_id], filter_string=filter_string, order_by=order_by,
+                              max_results=max_results, output_format="list")
+
+
+def log_metrics_to(run_id: str, metrics: dict[str, float]) -> None:
+    """Metrics logged to a run that is not this process's active one, in one batch."""
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
 def store_identity(uri: str) -> str:
@@ -322,6 +349,24 @@ UAP_KEYS = {"eps": "eps", "zeta": "zeta", "uap_norm": "norm", "random_norm": "ra
 CLASSIFIER = re.compile(r"(val|test)_(acc|n|sens_.+|ppv_.+)")  # the classifier's own (the attack's: test_clean_sens_..)
 
 
+def log_params(params: Mapping[str, Any]) -> None:
+    mlflow.log_params(dict(params))
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    mlflow.set_tags(dict(tags))
+
+
+def log_folder(folder: Path, artifact_path: str) -> None:
+    """Every file of a folder (a run's .hydra/) as artifacts under `artifact_path`."""
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """A run's metrics under the code's flat names (test_fr for MLflow's test/fr)."""
+    return flat_metrics(mlflow.get_run(run_id).data.metrics)
+
+
 def mlflow_key(flat: str) -> str:
     """`test_fr` -> `test/fr`, `test_acc` -> `classifier/test_acc`, `uap_seconds` -> `uap/seconds`,
     `defense_acc_clean` -> `defense/acc_clean`; a name already grouped is kept."""
@@ -396,3 +441,63 @@ def flat_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 def log_metrics(metrics: Mapping[str, float], step: int | None = None, model_id: str | None = None) -> None:
     """Metrics under MLflow's grouped names; with `model_id` also shown on that logged model's page."""
     mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()}, step=step, model_id=model_id)
+
+
+class JobLogger(MLFlowLogger):
+    """Lightning's MLflow logger writing the training curves into the job's own run, which it never ends.
+    Lightning's own ends the run it is handed (`finalize` -> FINISHED) when training ends, before the attack
+    has run: a job killed then would be left FINISHED without its result. The job closes its run itself, when
+    its last metric and artifact are logged (start_run). A store locked past its busy timeout costs
+    a point of the curves (warned), never the training."""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as e:
+            if not is_busy(e):
+                raise
+            log.warning("training curves: step %s not logged, the MLflow store is locked by another process", step)
+
+    def finalize(self, status: str = "success") -> None:
+        pass  # no checkpoints to upload (enable_checkpointing=False), and the run stays open
+
+
+def training_logger(run_id: str) -> JobLogger:
+    """Lightning's MLflow logger for the training curves, into the job's open run `run_id`."""
+    return JobLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+
+
+# --------------------------------------------------------------------------- reading the store back
+
+def finished_attack_runs(experiment: str, sweep: str | None) -> list:
+    """FINISHED attack runs of the experiment (or of one sweep) with their whole result; the newest per identical
+    job config."""
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"report: no experiment {experiment!r} in {mlflow.get_tracking_uri()}")
+    filt = "attributes.status = 'FINISHED' and params.task = 'attack'"
+    if sweep:
+        try:
+            parent = mlflow.get_run(sweep)
+            filt += f" and tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        except Exception:  # noqa: BLE001 - not a run id: a sweep name
+            filt += f" and tags.sweep = '{sweep}'"
+    # Run objects rather than search_runs' DataFrame: the figures read each run's artifacts by run id, and the
+    # metric names that hold a slash or a class name stay dict keys instead of mangled column names
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=filt, output_format="list", max_results=50000,
+                              order_by=["attributes.start_time DESC"])
+    done = [r for r in runs if complete(r)]
+    if len(done) < len(runs):  # FINISHED without their result (closed early): left out, rerun on the sweep's resume
+        log.warning("report: %d FINISHED run(s) lack their result metrics and are left out", len(runs) - len(done))
+    newest = {}
+    for r in done:
+        newest.setdefault(r.data.tags.get("job_hash", r.info.run_id), r)
+    if not newest:
+        raise SystemExit(f"report: no FINISHED attack runs{' for sweep ' + sweep if sweep else ''} in {experiment!r}")
+    return list(newest.values())
+
+
+def read_artifact(run_id: str, name: str, load):
+    """Download one artifact of a run into a temporary folder and load it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp))

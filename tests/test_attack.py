@@ -11,13 +11,13 @@ from conftest import make_cfg
 
 from pipeline.attack import lp_norms, project, random_uap, zeta_to_eps
 from pipeline.attack.acceptance import Always, IfFoolsMore
+from pipeline.attack.build import build_attack
 from pipeline.attack.objective import CrossEntropy, LeaveClass, Margin
 from pipeline.attack.step import FGSM, Optimizer
 from pipeline.attack.stopper import Stopper
 from pipeline.errors import ConfigError
-from pipeline.evaluate import predict
-from pipeline.metrics import fooling_rate, success_rate
-from pipeline.uaps import build_attack
+from pipeline.eval.metrics import fooling_rate, success_rate
+from pipeline.eval.predictions import predict
 
 CLASSES = ["normal", "pneumonia", "COVID-19"]
 

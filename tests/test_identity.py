@@ -10,8 +10,9 @@ import torch
 from conftest import make_cfg
 from omegaconf import OmegaConf, open_dict
 
-from pipeline import experiment, identity, tables
+from pipeline import identity, job
 from pipeline.data import GrayDataset
+from pipeline.report import tables
 
 # written out by hand, not read from pipeline.identity: what a user expects to change no result
 DISPLAY_PREFIXES = ("paths.", "tracking.", "hydra.")
@@ -126,9 +127,9 @@ def test_the_uap_key_follows_the_search_and_not_its_display_or_saved_uap_keys(tm
 
 def test_run_names_leave_out_display_overrides(monkeypatch, tmp_path):
     cfg = make_cfg(BASE, tmp_path)
-    monkeypatch.setattr(experiment, "job_overrides", lambda: ["tracking.uri=sqlite:///x.db", "zeta=4",
+    monkeypatch.setattr(job, "job_overrides", lambda: ["tracking.uri=sqlite:///x.db", "zeta=4",
                                                               "trainer.enable_progress_bar=false", "attack.max_iter=3"])
-    short, _ = experiment.run_names(cfg, "attack")
+    short, _ = job.run_names(cfg, "attack")
     assert short.endswith("attack.max_iter=3") and "tracking" not in short and "progress" not in short
 
 

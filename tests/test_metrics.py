@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.metrics import (
+from pipeline.eval.metrics import (
     accuracy,
     attack_metrics,
     confusion,

@@ -98,7 +98,7 @@ def tiny_trained(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", [FP32, Mode(True, True)], ids=str)
 def test_a_search_is_deterministic_within_its_precision(tiny_trained, mode):
-    from pipeline.uaps import make_uap
+    from pipeline.attack.build import make_uap
     cfg, dm, net = tiny_trained
     precision.attach(net, {"train": FP32, "attack": mode, "eval": mode}, 0.05)
     uaps = [make_uap(cfg, dm, net, "cpu")[1] for _ in range(2)]
@@ -109,9 +109,9 @@ def test_a_uap_searched_in_bf16_fools_as_the_fp32_one_does_when_judged_in_fp32(t
     """bf16 (the search's precision) and fp32 UAPs against the same fp32 classifier, both evaluated in fp32:
     within each other's 95 % interval on the 300 test images, and both far above the random control."""
     from pipeline.attack import random_control
-    from pipeline.evaluate import predict
-    from pipeline.metrics import fooling_rate, wilson
-    from pipeline.uaps import make_uap
+    from pipeline.attack.build import make_uap
+    from pipeline.eval.metrics import fooling_rate, wilson
+    from pipeline.eval.predictions import predict
     cfg, dm, net = tiny_trained
     test, frs = dm.dataset("test"), {}
     for mode in (FP32, Mode(True, True)):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import cells
 
-from pipeline import plots, tables
+from pipeline import figures
+from pipeline.report import tables
 from pipeline.tracking import mlflow_key
 
 CLASSES = ["normal", "pneumonia", "COVID-19"]
@@ -66,7 +67,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(store, tmp_path_factory):
-    from pipeline.report import main
+    from pipeline.report.__main__ import main
     root, ids = store
     out = tmp_path_factory.mktemp("out")
     # the store named as the jobs name it: a config override (paths.root_dir here, tracking.uri follows it)
@@ -145,7 +146,7 @@ def test_lines_of_fr_vs_zeta_never_hold_two_runs_at_one_zeta():
 
 def test_confusion_cells_show_count_and_share_of_the_true_class():
     conf = np.array([[45, 5, 0], [10, 30, 10], [0, 0, 50]])
-    fig = plots.confusion_figure(conf, CLASSES, "tiny, test, uap\nnon-targeted UAP, linf, zeta=2%")
+    fig = figures.confusion_figure(conf, CLASSES, "tiny, test, uap\nnon-targeted UAP, linf, zeta=2%")
     ax = fig.axes[0]
     texts = [t.get_text() for t in ax.texts]
     assert texts[0] == "45\n90%" and texts[3] == "10\n20%" and texts[8] == "50\n100%"
@@ -158,7 +159,7 @@ def test_examples_grid_has_an_amplified_perturbation_column_and_a_title():
     images = torch.rand(8, 1, 32, 32, generator=g)
     uap = (torch.rand(32, 32, generator=g) - 0.5) * 0.04
     labels, pred = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    fig = plots.examples_figure(images, uap, labels, pred, (pred + 1) % 3, CLASSES, n=6,
+    fig = figures.examples_figure(images, uap, labels, pred, (pred + 1) % 3, CLASSES, n=6,
                                 title="tiny: non-targeted UAP, linf, zeta=2%")
     assert len(fig.axes) == 2 * 6 + 1
     last = fig.axes[-1]

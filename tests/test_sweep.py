@@ -4,7 +4,7 @@ import csv
 import pytest
 from conftest import cells, mlflow_runs, run_cli
 
-from pipeline.metrics import wilson
+from pipeline.eval.metrics import wilson
 
 STEP2 = ["metrics.test_fr", "metrics.train_fr", "metrics.test_fr_random", "metrics.uap_norm", "metrics.eps"]
 
@@ -90,7 +90,7 @@ def test_a_failing_job_is_failed_the_others_finish_and_the_sweep_exits_1(smoke):
 def test_report_tables_equal_the_logged_metrics(smoke, tmp_path):
     root, runs, _, _ = smoke
     out = tmp_path / "report"
-    from pipeline.report import main
+    from pipeline.report.__main__ import main
     parent = runs[runs["tags.role"] == "parent"].iloc[0]["run_id"]
     assert main(["--tracking-uri", f"sqlite:///{root}/mlflow.db", "--sweep", parent, "--out", str(out)]) == 0
     for f in ("results.csv", "results.md", "fr_vs_zeta.png", "uaps.png"):

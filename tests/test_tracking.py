@@ -9,7 +9,7 @@ from conftest import make_cfg
 from omegaconf import OmegaConf
 
 from pipeline import progress, sweep, tracking
-from pipeline.experiment import run_names
+from pipeline.job import run_names
 
 FLAT = ["test_fr", "train_fr_random", "test_acc_clean", "test_uap_share_COVID-19", "test_clean_sens_normal",
         "test_acc", "val_acc", "test_sens_COVID-19", "test_ppv_normal", "eps", "zeta", "uap_norm", "random_norm",

@@ -34,7 +34,7 @@ from pipeline import precision, progress
 from pipeline.attack.initializer import Zeros
 from pipeline.attack.norms import check_norm, lp_norms, project, random_uap, zeta_to_eps
 from pipeline.errors import ConfigError, instantiate
-from pipeline.evaluate import eval_batch
+from pipeline.eval.predictions import eval_batch
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.eval.metrics import wilson
 from pipeline.identity import is_display, read_by
-from pipeline.metrics import wilson
 
 
 def md_table(head: list[str], cells: list[list[str]]) -> str:

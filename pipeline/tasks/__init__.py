@@ -25,11 +25,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import files, sweep, tracking
 from pipeline.config import validate
-from pipeline.defense import run_defense
 from pipeline.errors import ConfigError, UserError
-from pipeline.experiment import evaluate_uap, open_job
-from pipeline.minzeta import search
-from pipeline.transferability import run_transfer
+from pipeline.eval.measurements import evaluate_uap
+from pipeline.job import open_job
+from pipeline.tasks.defense import run_defense
+from pipeline.tasks.min_zeta import search
+from pipeline.tasks.transfer import run_transfer
 
 log = logging.getLogger("pipeline.tasks")
 
@@ -77,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
     with sweep.claim(cfg, tracking.setup(cfg.tracking)) as done:
         if done:
             log.info("skipped: this job's config already has a FINISHED run (%s)", done)
-            return tracking.flat_metrics(tracking.mlflow.get_run(done).data.metrics)
+            return tracking.run_metrics(done)
         return fn(cfg, parent_run_id)
 
 

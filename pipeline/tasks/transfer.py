@@ -31,15 +31,16 @@ def model_config(name: str) -> DictConfig:
 
 
 def run_transfer(cfg: DictConfig) -> dict:
-    from pipeline import files, plots, tracking
+    from pipeline import figures, files, tracking
     from pipeline.attack import random_control
+    from pipeline.attack.build import make_uap
     from pipeline.classifier import train_or_load
     from pipeline.config import validate
     from pipeline.errors import instantiate
-    from pipeline.evaluate import predict
-    from pipeline.experiment import device_for, output_dir
-    from pipeline.metrics import attack_rate
-    from pipeline.uaps import make_uap
+    from pipeline.eval.metrics import attack_rate
+    from pipeline.eval.predictions import predict
+    from pipeline.job import output_dir
+    from pipeline.precision import device_for
 
     names = list(cfg.transfer.models)
     out = output_dir(cfg)
@@ -77,7 +78,7 @@ def run_transfer(cfg: DictConfig) -> dict:
             w.writerow(["random control", *[f"{v:.4f}" for v in random_row]])
         labels = [*names, "random"]
         full = np.vstack([matrix, np.array(random_row)[None]])
-        png = plots.plot_matrix(full, labels, names, out / "transfer.png",
+        png = figures.plot_matrix(full, labels, names, out / "transfer.png",
                                 f"UAP transferability: test {key} ({cfg.attack.norm}, zeta={cfg.attack.zeta}%)",
                                 "evaluated on", "UAP made on")
         result = {"models": names, "metric": key, "matrix": matrix.tolist(), "random": random_row}

@@ -14,11 +14,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import plots, precision, tracking
+from pipeline import figures, precision, tracking
 from pipeline.classifier import Classifier, make_trainer, save_checkpoint
 from pipeline.data import CXRDataModule
-from pipeline.evaluate import predict
-from pipeline.metrics import accuracy, attack_rate
+from pipeline.eval.metrics import accuracy, attack_rate
+from pipeline.eval.predictions import predict
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class UAPTraining(pl.Callback):
 
 
 def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path, device) -> dict[str, float]:
-    from pipeline.uaps import make_uap
+    from pipeline.attack.build import make_uap
     d = cfg.defense
     test = dm.dataset("test")
     key = "tsr" if cfg.attack.target is not None else "fr"
@@ -79,7 +79,7 @@ def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path
     path = out / "defense_classifier.pt"
     save_checkpoint(model, path, {"arch": model.arch, "classes": model.classes, "defense_rounds": int(d.rounds)})
     tracking.log_artifact(path)
-    tracking.log_artifact(plots.plot_defense(history, key, out / "defense.png"))
+    tracking.log_artifact(figures.plot_defense(history, key, out / "defense.png"))
     return {"defense_acc_clean_before": before["defense_acc_clean"],
             f"defense_{key}_fresh_before": before[f"defense_{key}_fresh"],
             "defense_acc_clean_after": after["defense_acc_clean"],

@@ -1,6 +1,6 @@
-"""The frame of every task (`open_job`: data -> classifier, trained or cached -> MLflow run) and the
-measurements tasks share: the classifier's, and a UAP's against its random control. A library: it
-imports no task (pipeline/tasks.py)."""
+"""The frame of every task (`open_job`: config checked -> data -> classifier, trained or cached -> MLflow run ->
+the task -> its results, in the run folder first, then logged), the run's names and tags, and the console
+summary. A library: it imports no task (pipeline/tasks/)."""
 from __future__ import annotations
 
 import logging
@@ -11,33 +11,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.loggers import MLFlowLogger
 
-from pipeline import files, plots, precision, sweep, tracking
-from pipeline.attack import lp_norms, random_control
+from pipeline import files, precision, sweep, tracking
+from pipeline.attack.build import load_saved_uap
 from pipeline.classifier import Classifier, load_classifier_file, train_or_load
 from pipeline.config import validate
 from pipeline.data import CXRDataModule
-from pipeline.errors import ConfigError, instantiate
-from pipeline.evaluate import predict
+from pipeline.errors import instantiate
+from pipeline.eval.measurements import Results, classifier_metrics
+from pipeline.eval.metrics import wilson
 from pipeline.identity import classifier_key, is_display, job_hash
-from pipeline.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate, wilson
-from pipeline.uaps import build_attack, input_set, load_saved_uap, make_uap
 
 log = logging.getLogger(__name__)
-
-
-def device_for(cfg: DictConfig) -> torch.device:
-    acc = str(cfg.trainer.get("accelerator", "cpu"))
-    if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if acc in ("gpu", "cuda"):
-        raise ConfigError("trainer=gpu but no CUDA device is available: use trainer=cpu")
-    return torch.device("cpu")
 
 
 def run_tags(cfg: DictConfig, dm: CXRDataModule | None = None) -> dict[str, str]:
@@ -63,41 +51,6 @@ def output_dir(cfg: DictConfig) -> Path:
         out = Path(cfg.paths.root_dir) / "outputs" / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-class JobLogger(MLFlowLogger):
-    """Lightning's MLflow logger writing the training curves into the job's own run, which it never ends.
-    Lightning's own ends the run it is handed (`finalize` -> FINISHED) when training ends, before the attack
-    has run: a job killed then would be left FINISHED without its result. The job closes its run itself, when
-    its last metric and artifact are logged (tracking.start_run). A store locked past its busy timeout costs
-    a point of the curves (warned), never the training."""
-
-    def log_metrics(self, metrics, step=None) -> None:
-        try:
-            super().log_metrics(metrics, step)
-        except Exception as e:
-            if not tracking.is_busy(e):
-                raise
-            log.warning("training curves: step %s not logged, the MLflow store is locked by another process", step)
-
-    def finalize(self, status: str = "success") -> None:
-        pass  # no checkpoints to upload (enable_checkpointing=False), and the run stays open
-
-
-def mlflow_logger(run_id: str) -> JobLogger:
-    return JobLogger(tracking_uri=tracking.mlflow.get_tracking_uri(), run_id=run_id)
-
-
-@dataclass
-class Results:
-    """What a step of a task measured and made: kept in the run folder at once (metrics.json, its files) and
-    logged to MLflow at the job's end, so that a store that fails then (locked past its busy timeout) loses
-    nothing. `curves`: a metric's value per step (the search's input FR per pass)."""
-    metrics: dict = field(default_factory=dict)
-    params: dict = field(default_factory=dict)
-    tags: dict = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list)
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,9 +81,9 @@ class Job:
         """Everything `add`ed, then the metrics (also on the classifier's model page) and metrics.json."""
         for r in self.pending:
             if r.params:
-                tracking.mlflow.log_params(r.params)
+                tracking.log_params(r.params)
             if r.tags:
-                tracking.mlflow.set_tags(r.tags)
+                tracking.set_tags(r.tags)
             for name, points in r.curves.items():
                 for step, value in points:
                     tracking.log_metrics({name: value}, step=step)
@@ -147,7 +100,7 @@ def open_job(cfg: DictConfig, task: str, parent_run_id: str | None = None) -> It
     A bad config value fails before the run opens (one line, no run); a later failure marks the run FAILED
     (KILLED when interrupted) and keeps what was logged."""
     validate(cfg)
-    device = device_for(cfg)
+    device = precision.device_for(cfg)
     dm: CXRDataModule = instantiate(cfg.data)  # one instance: its data fingerprint is taken once, for every key
     # a classifier_file that cannot be used fails here, before a run opens
     loaded = load_classifier_file(cfg, dm) if cfg.get("classifier_file") else None
@@ -173,16 +126,16 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
     with tracking.start_run(cfg, run_name=name, tags=tags, parent_run_id=parent_run_id) as mlrun:
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir():
-            tracking.mlflow.log_artifacts(str(hydra_dir), "hydra")
+            tracking.log_folder(hydra_dir, "hydra")
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm.setup()
         if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
-        model, meta = loaded or train_or_load(cfg, dm, logger=mlflow_logger(mlrun.info.run_id))
-        tracking.mlflow.set_tag("classifier_cache", meta.get("source") or ("hit" if meta["cache_hit"] else "trained"))
-        tracking.mlflow.set_tag("classifier_path", meta["path"])
+        model, meta = loaded or train_or_load(cfg, dm, logger=tracking.training_logger(mlrun.info.run_id))
+        tracking.set_tags({"classifier_cache": meta.get("source") or ("hit" if meta["cache_hit"] else "trained"),
+                           "classifier_path": meta["path"]})
         modes = precision.modes_of(model.net)
-        tracking.mlflow.log_params({f"precision.{loop}": str(m) for loop, m in modes.items()})
+        tracking.log_params({f"precision.{loop}": str(m) for loop, m in modes.items()})
         model_id = None
         if cfg.tracking.get("log_model", True):  # the classifier as an MLflow model, this run linked to it
             model_id = tracking.log_classifier(model, Path(meta["path"]).parent, not meta["cache_hit"])["model_id"]
@@ -235,79 +188,6 @@ def run_names(cfg: DictConfig, task: str) -> tuple[str, str]:
     long = (f"task={task} model={model} ({cfg.model.arch}) attack={a.name} norm={a.norm} zeta={a.zeta} "
             f"target={a.target} seed={cfg.seed} epochs={cfg.trainer.max_epochs} data={data}")
     return short, long
-
-
-def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str, float]:
-    """Clean accuracy and per-class sensitivity / PPV on val and test; the test confusion matrix as PNG."""
-    metrics = {}
-    for split in ("val", "test"):
-        ds = dm.dataset(split)
-        if len(ds) == 0:
-            continue
-        pred = predict(model.net, ds, {"clean": None}, device=device)["clean"]
-        metrics[f"{split}_n"] = float(len(ds))
-        metrics[f"{split}_acc"] = accuracy(ds.labels, pred)
-        metrics.update(class_metrics(split, ds.labels, pred, dm.classes))
-        if split == "test":
-            conf = confusion(ds.labels, pred, dm.num_classes)
-            tracking.log_artifact(plots.plot_confusion(conf, dm.classes, out / "confusion_classifier.png",
-                                                       f"{getattr(model, 'name', 'classifier')}, test, clean "
-                                                       f"(acc {metrics['test_acc']:.3f})"))
-    return metrics
-
-
-def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> Results:
-    """Make (or load) the UAP on the input set, evaluate it and its random control on train and test; the UAP
-    (uap.npy) and the figures are written to `out` before anything is logged."""
-    if cfg.attack.get("uap_file"):
-        atk, _ = build_attack(cfg, dm, net)
-        uap, seconds = load_saved_uap(cfg, dm), 0.0
-    else:
-        atk, uap, seconds = make_uap(cfg, dm, net, device)
-    uap_file = files.write_npy(out / "uap.npy", uap[0].numpy().astype(np.float32))
-    passes = atk.passes
-    results = Results(params={"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": atk.n_inputs},
-                      curves={"uap_fr_input": [(h["pass"], h["fr"]) for h in atk.history if h["pass"] > 0]})
-    if atk.best is not None:  # keep: best / candidates: where the returned UAP came from
-        results.tags["uap_best_from"] = atk.best["from"]
-    rnd = random_control(uap, atk.eps, atk.norm, cfg.seed)
-    metrics = {"eps": atk.eps, "zeta": atk.zeta, "uap_norm": lp_norms(uap[None], atk.norm).item(),
-               "random_norm": lp_norms(rnd[None], atk.norm).item(), "uap_seconds": seconds, "uap_passes": passes}
-    preds = {}
-    for split in ("train", "test"):
-        ds = dm.dataset(split)
-        preds[split] = predict(net, ds, {"clean": None, "uap": uap, "random": rnd}, clip=atk.clip, device=device)
-        metrics.update(attack_metrics(split, ds.labels, preds[split], dm.classes, atk.target))
-    metrics.update(input_metrics(cfg, dm, net, uap, atk, preds["train"], device))
-    title = (f"{'targeted ' + atk.target_name if atk.targeted else 'non-targeted'} UAP, {atk.norm}, "
-             f"zeta={atk.zeta:g}% (eps={atk.eps:.4g})")
-    made = [uap_file, plots.plot_uap(uap[0].numpy(), out / "uap.png",
-                                             f"{cfg.model.get('name') or cfg.model.arch}: {title}")]
-    test = dm.dataset("test")
-    p = preds["test"]
-    made.append(plots.plot_examples(test.images[:8].float() / 255, uap[0], test.labels[:8], p["clean"][:8],
-                                     p["uap"][:8], dm.classes, out / "examples.png", clip=atk.clip, n=6,
-                                     title=f"{cfg.model.get('name') or cfg.model.arch}: {title}, test images"))
-    for kind in ("clean", "uap", "random"):
-        conf = confusion(test.labels, p[kind], dm.num_classes)
-        made.append(plots.plot_confusion(conf, dm.classes, out / f"confusion_{kind}.png",
-                                         f"{cfg.model.get('name') or cfg.model.arch}, test, {kind}\n{title}"))
-    results.metrics, results.files = metrics, made
-    return results
-
-
-def input_metrics(cfg: DictConfig, dm: CXRDataModule, net, uap, atk, train_preds, device) -> dict[str, float]:
-    """The UAP's rates on its own input set (`input_fr`, targeted also `input_tsr`): what the search optimised,
-    and where the warm start's guarantees hold. The train split's when it is the input set."""
-    inputs, train = input_set(cfg, dm), dm.dataset("train")
-    if cfg.attack.input_split == "train" and len(inputs) == len(train):
-        p = train_preds
-    else:
-        p = predict(net, inputs, {"clean": None, "uap": uap}, clip=atk.clip, device=device)
-    m = {"input_fr": fooling_rate(p["clean"], p["uap"])}
-    if atk.targeted:
-        m["input_tsr"] = success_rate(p["uap"], atk.target)
-    return m
 
 
 def summary(cfg: DictConfig, m: dict, classes, modes: dict | None = None) -> str:

@@ -1,0 +1,2 @@
+"""Evaluation: predictions of clean / UAP / random inputs in one pass (predictions), the metrics on them
+(metrics), and the measurements a task logs (measurements)."""
