@@ -285,7 +285,7 @@ def test_faithful_mode_tracks_art_on_a_tiny_set(phantom_model):
 
 def test_study_rows_selection():
     """`python -m pipeline.bench --study --rows`: 1-based rows and ranges, 'none', and a clear error otherwise."""
-    from pipeline.bench import parse_rows
+    from pipeline.bench.study import parse_rows
     assert parse_rows("1,3,14-16", 17) == {1, 3, 14, 15, 16}
     assert parse_rows(None, 3) == {1, 2, 3} and parse_rows("none", 3) == set()
     for bad in ("0", "2-1", "18", "a"):

@@ -133,7 +133,7 @@ def test_the_bench_precision_table_has_each_loop_and_the_mode_auto_picks():
 
     from conftest import cells
 
-    from pipeline.bench import LOOP_NAMES, precision_table
+    from pipeline.bench.precision import LOOP_NAMES, precision_table
     rows = [cells(line) for line in precision_table(argparse.Namespace(quick=True), "cpu").splitlines()[2:]]
     assert [r[3] for r in rows] == [LOOP_NAMES[loop] for loop in precision.LOOPS]
     for r in rows:
