@@ -92,7 +92,7 @@ def interrupt_on_sigterm() -> None:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """One Hydra job: the task `cfg.task` (pipeline/tasks.py)."""
+    """One Hydra job: the task `cfg.task` (pipeline/tasks/)."""
     from pipeline.progress import quiet_libraries
     from pipeline.tasks import run  # heavy imports after Hydra has parsed the command line
 

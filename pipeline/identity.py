@@ -1,8 +1,8 @@
 """What identifies a result: the one hash, and the one list of config keys that define none.
 
 Every place that asks "is this the same result?" asks here: the classifier cache (`classifier_key`), the
-UAP cache (`uap_key`), a sweep's resume (`job_hash`, tag `job_hash`), the run names (pipeline.experiment) and
-the report's grouping of runs (pipeline.tables). A key that changes no result (where files and the store are,
+UAP cache (`uap_key`), a sweep's resume (`job_hash`, tag `job_hash`), the run names (pipeline.job) and
+the report's grouping of runs (pipeline.report.tables). A key that changes no result (where files and the store are,
 progress display, how Hydra launches) is listed once, below; every other key of the resolved config is part of
 the identity of what it configures.
 """

@@ -257,7 +257,7 @@ def device_for(cfg) -> torch.device:
 
 def loop_batches(cfg) -> dict[str, int]:
     """The batch each loop runs at: data.batch_size (training), attack.batch_size (1 with per_image), the
-    evaluation's (pipeline.evaluate.eval_batch) split over the three stacked inputs of an evaluation."""
+    evaluation's (pipeline.eval.predictions.eval_batch) split over the three stacked inputs of an evaluation."""
     from pipeline.eval.predictions import eval_batch  # it imports this module: imported when first used
     a = cfg.attack
     return {"train": int(cfg.data.batch_size),

@@ -345,7 +345,7 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
 # back as flat names, so stores written before the grouping still report.
 UAP_KEYS = {"eps": "eps", "zeta": "zeta", "uap_norm": "norm", "random_norm": "random_norm",
             "uap_seconds": "seconds", "uap_passes": "passes", "input_fr": "input_fr", "input_tsr": "input_tsr",
-            "uap_fr_input": "fr_input"}
+            "uap_pass_input_fr": "pass_input_fr"}  # the input-set FR after each pass of the search (a curve)
 CLASSIFIER = re.compile(r"(val|test)_(acc|n|sens_.+|ppv_.+)")  # the classifier's own (the attack's: test_clean_sens_..)
 
 

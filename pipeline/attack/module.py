@@ -99,7 +99,7 @@ class UAP(pl.LightningModule):
         self.exact_fr, self.augment = bool(exact_fr), dict(augment) if augment else None
         # measurement only (benchmarks): the exact input-set FR after every pass, its time not counted
         self.record_fr, self.record_every = bool(record_fr), 0  # record_every: also every k steps
-        self.n_inputs = 0  # set by pipeline.experiment.build_attack
+        self.n_inputs = 0  # set by pipeline.attack.build.build_attack
         self.v = nn.Parameter(torch.zeros(1, image_size, image_size))
         self.classifier = classifier.eval()
         self.classifier.requires_grad_(False)

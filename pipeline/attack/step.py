@@ -1,4 +1,4 @@
-"""Step rules: how the gradient of the objective moves v (conf/attack/step/).
+"""Step rules: how the gradient of the objective moves v (conf/attack/step_rule/).
 
 - `FGSM`: the paper's step. Each stepping image's FGSM (L-inf: sign) or FGM (L2: unit L2) direction
   of the objective's gradient on its input x + v, averaged over the 3 channels (v is one grayscale

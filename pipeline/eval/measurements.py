@@ -59,7 +59,7 @@ def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> 
     uap_file = files.write_npy(out / "uap.npy", uap[0].numpy().astype(np.float32))
     passes = atk.passes
     results = Results(params={"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": atk.n_inputs},
-                      curves={"uap_fr_input": [(h["pass"], h["fr"]) for h in atk.history if h["pass"] > 0]})
+                      curves={"uap_pass_input_fr": [(h["pass"], h["fr"]) for h in atk.history if h["pass"] > 0]})
     if atk.best is not None:  # keep: best / candidates: where the returned UAP came from
         results.tags["uap_best_from"] = atk.best["from"]
     rnd = random_control(uap, atk.eps, atk.norm, cfg.seed)

@@ -14,7 +14,7 @@ headline setting).
 
 Runs of different configs with the same model / attack / target / norm (another seed, epochs, image size,
 data root...) are not merged: the config values that tell them apart become table columns and figure labels
-(pipeline.tables.assign_groups), and every table row names its runs (MLflow run ids, first 8 characters).
+(pipeline.report.tables.assign_groups), and every table row names its runs (MLflow run ids, first 8 characters).
 A model is named by its config's `model.name` everywhere (older stores: the `choice.model` tag, else the arch).
 """
 from __future__ import annotations

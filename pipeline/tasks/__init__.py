@@ -1,5 +1,5 @@
 """The tasks of `python -m pipeline task=NAME`: each a short function that opens a job (data, classifier,
-MLflow run: pipeline.experiment.open_job) and calls the library. Adding a task is one function here,
+MLflow run: pipeline.job.open_job) and calls the library. Adding a task is one function here,
 registered with `@task`, plus its config keys.
 
     train      the classifier only (trained, or loaded from the cache)
@@ -53,7 +53,7 @@ def task_function(cfg: DictConfig) -> Callable[[DictConfig, str | None], dict]:
 class CheckConfig(Callback):
     """Hydra callback (conf/hydra/default.yaml): a single run's task and config are checked before Hydra
     creates its output folder, so a typo (`zeta=abc`) prints one line and exits 2, leaving no folder and no
-    MLflow run. (In a sweep each job is checked as it starts, pipeline.experiment.open_job.)"""
+    MLflow run. (In a sweep each job is checked as it starts, pipeline.job.open_job.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
