@@ -1,4 +1,7 @@
-"""`python -m pipeline`: one experiment per Hydra job (see conf/config.yaml)."""
+"""`python -m pipeline`: one experiment per Hydra job (see conf/config.yaml).
+
+The pipeline's own modules are imported inside the functions below, after Hydra has parsed the command line:
+`--help`, `--cfg job` and a bad override answer at once, without loading torch, Lightning and MLflow."""
 from __future__ import annotations
 
 import logging

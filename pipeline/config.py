@@ -14,6 +14,7 @@ from pipeline import CONF
 from pipeline.attack import new_attack
 from pipeline.data import MAX_IMAGE_SIZE
 from pipeline.errors import ConfigError
+from pipeline.precision import parse
 
 
 def validate(cfg: DictConfig) -> None:
@@ -64,7 +65,6 @@ def validate(cfg: DictConfig) -> None:
 
 
 def check_precision(cfg: DictConfig) -> None:
-    from pipeline.precision import parse
     parse(cfg.get("precision", "auto"))
     r = cfg.get("precision_recheck", 0.0)
     if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1:

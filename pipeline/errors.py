@@ -1,4 +1,6 @@
 """User-facing errors: raised for bad data or configuration, printed without a traceback."""
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 
 
 class UserError(Exception):
@@ -20,8 +22,6 @@ class StorageError(UserError):
 def instantiate(config, **kwargs):
     """hydra.utils.instantiate, except that a user error raised by the class (a ConfigError naming its key)
     surfaces as itself rather than wrapped in Hydra's InstantiationException."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate as hydra_instantiate
     try:
         return hydra_instantiate(config, **kwargs)
     except InstantiationException as e:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import ConfigError, StorageError
 
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space left, quota exceeded, file too large
@@ -67,7 +69,6 @@ def write_json(path: Path | str, obj: Any, **kw) -> Path:
 
 def write_npy(path: Path | str, array) -> Path:
     """np.save to exactly `path` (np.save itself adds `.npy` to a temporary name)."""
-    import numpy as np
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipeline import files, precision, sweep, tracking
@@ -35,7 +36,6 @@ def run_tags(cfg: DictConfig, dm: CXRDataModule | None = None) -> dict[str, str]
     if os.environ.get(sweep.LAUNCHER_ENV):  # which process launched it (an interrupted sweep closes its own)
         tags["sweep_launcher"] = os.environ[sweep.LAUNCHER_ENV]
     try:
-        from hydra.core.hydra_config import HydraConfig
         hc = HydraConfig.get()
         tags.update({f"choice.{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")})
         tags["overrides"] = " ".join(hc.overrides.task)
@@ -167,7 +167,6 @@ NAMED = {"norm", "zeta", "attack.norm", "attack.zeta", "attack.target", "model",
 def job_overrides() -> list[str]:
     """This Hydra job's command-line overrides (none outside a Hydra app)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
         return list(HydraConfig.get().overrides.task)
     except ValueError:
         return []

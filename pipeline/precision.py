@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from filelock import FileLock
 
+from pipeline import files
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,6 @@ def choose(precision: str, arch: str, make_net, loop: str, batch: int, image_siz
                      image_size, mode, time.perf_counter() - t0,
                      ", ".join(f"{m} {seconds[FP32] / s:.2f}x" for m, s in seconds.items()))
             if table is not None:
-                from pipeline import files
                 known[key] = {"bf16": mode.bf16, "channels_last": mode.channels_last,
                               "speedup": round(seconds[FP32] / seconds[mode], 3)}
                 files.write_json(table, known, indent=1, sort_keys=True)

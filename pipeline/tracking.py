@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
@@ -237,7 +238,6 @@ def process_alive(tag: str, since: float) -> bool:
     host, _, pid = tag.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True
-    import psutil
     try:
         return psutil.Process(int(pid)).create_time() <= since + 1
     except psutil.Error:
@@ -268,7 +268,7 @@ def close_run(status: str, error: str, cause: BaseException) -> None:
     """End the active run with `status` and its `error` tag; where the store itself fails (still locked past
     the busy timeout) the run is left open (a resumed sweep closes it) and the original error goes on."""
     if is_busy(cause):  # every call to the store would wait out the timeout again: forget the run here only
-        from mlflow.tracking import fluent
+        from mlflow.tracking import fluent  # MLflow's private run stack: touched only here, on this failure
         with contextlib.suppress(Exception):
             fluent._active_run_stack.get().pop()
         return
@@ -299,7 +299,7 @@ def log_classifier(model, cache_entry: Path, trained: bool) -> dict:
             log.info("the classifier's MLflow model %s is not in this store: logging it again", info.get("model_id"))
             info = None
         if info is None or trained:
-            import timm
+            import timm  # the three for logging a model only (mlflow.pytorch takes seconds to import)
             import torch
             from mlflow import pytorch as mlflow_pytorch
             name = f"uap-cxr-{model.name}"

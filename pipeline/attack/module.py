@@ -28,11 +28,13 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import precision, progress
 from pipeline.attack.initializer import Zeros
 from pipeline.attack.norms import check_norm, lp_norms, project, random_uap, zeta_to_eps
+from pipeline.data import augment_batch
 from pipeline.errors import ConfigError, instantiate
 from pipeline.eval.predictions import eval_batch
 
@@ -46,7 +48,6 @@ TASK_KEYS = ("uap_file", "project_uap_file", "warm_start", "input_split", "input
 def new_attack(attack, classifier: nn.Module, image_size: int, classes: Sequence[str], **changes) -> UAP:
     """The UAP module of an `attack` config (its task keys left out, `changes` applied) against `classifier`.
     With a stand-in classifier (nn.Identity) this checks every attack key, the parts' too, before any work."""
-    from omegaconf import OmegaConf
     a = OmegaConf.to_container(attack, resolve=True)
     for k in TASK_KEYS:
         a.pop(k, None)
@@ -247,7 +248,6 @@ class UAP(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, _, idx = batch
         if self.augment:
-            from pipeline.data import augment_batch
             x = augment_batch(x, **self.augment)
         cp = self.clean_pred[idx]
         if self.per_image:  # the paper's loop: one image at a time, each step seen by the next image

@@ -30,6 +30,7 @@ from pipeline.bench.art import bench, fmt_table, speedup_line
 from pipeline.bench.precision import precision_check, precision_speedup, precision_table
 from pipeline.bench.setup import ROOT, machine, versions
 from pipeline.bench.study import study
+from pipeline.precision import ROUNDS, WARMUP
 from pipeline.progress import quiet_libraries
 
 log = logging.getLogger("pipeline.bench")
@@ -110,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                  f"{info['modes']}).")
     last = speedup_line(tables["non-targeted"])
     if not args.no_precision_table:
-        from pipeline.precision import ROUNDS, WARMUP
         device = torch.device(args.device)
         parts += ["", "#### precision", "",
                   "Images/s in fp32 and each mode's ratio to it, per model and loop (batch as given, after "

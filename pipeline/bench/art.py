@@ -10,6 +10,8 @@ import time
 import numpy as np
 import torch
 
+from pipeline import precision
+from pipeline.attack import new_attack, zeta_to_eps
 from pipeline.bench.setup import (
     PeakRSS,
     Row,
@@ -19,6 +21,7 @@ from pipeline.bench.setup import (
     fr_of,
     load_setup,
 )
+from pipeline.eval.predictions import predict
 
 log = logging.getLogger("pipeline.bench")
 
@@ -34,10 +37,10 @@ ROWS = [("fgsm_uap faithful", ["attack=fgsm_uap_faithful"]),
 
 
 def run_art(net, x, eps, args, target, n_classes, device) -> tuple[Row, torch.Tensor]:
+    # ART: the bench extra (pip install -e '.[bench]'), needed by this comparison only
     from art.attacks.evasion import TargetedUniversalPerturbation, UniversalPerturbation
     from art.estimators.classification import PyTorchClassifier
 
-    from pipeline import precision
     precision.prepare(net, precision.FP32)  # ART as its users run it: fp32, the default memory format
     clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
                             nb_classes=n_classes, device_type="gpu" if device.type == "cuda" else "cpu")
@@ -82,7 +85,6 @@ def run_art(net, x, eps, args, target, n_classes, device) -> tuple[Row, torch.Te
 
 def run_ours(name, overrides, net, x, y, eps, args, target, classes, device) -> tuple[Row, torch.Tensor]:
     """One row: the attack composed from conf/attack (+ overrides), made on x with the bench's eps and seed."""
-    from pipeline.attack import new_attack
     atk = new_attack(attack_config(args, overrides), net, x.shape[-1], classes, eps=eps, record_fr=True,
                      target=None if target is None else classes[target])
     atk.record_every = args.record_every
@@ -98,8 +100,6 @@ def run_ours(name, overrides, net, x, y, eps, args, target, classes, device) -> 
 
 
 def bench(args) -> tuple[list[Row], dict]:
-    from pipeline import precision
-    from pipeline.attack import zeta_to_eps
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     cfg, dm, net = load_setup(args)
@@ -108,7 +108,6 @@ def bench(args) -> tuple[list[Row], dict]:
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_images].sort().values
     x, y = train.subset(idx).tensors()
     eps = zeta_to_eps(x[:, :1], args.zeta, "linf")
-    from pipeline.eval.predictions import predict
     clean_test = predict(net, test, {"c": None}, device=device)["c"]
     floor = floor_seconds(net, x, args.batch_size, device)
     info = {"data": cfg.data._target_.rsplit(".", 1)[-1] + (" (cxr3)" if "Covidx" in cfg.data._target_ else ""),

@@ -8,7 +8,14 @@ import time
 
 import torch
 
+from pipeline import precision
+from pipeline.attack import new_attack
+from pipeline.attack.build import make_uap
 from pipeline.bench.setup import attack_config, load_setup, setup_overrides, sync
+from pipeline.classifier import build_net
+from pipeline.eval.metrics import fooling_rate, wilson
+from pipeline.eval.predictions import predict
+from pipeline.tasks.transfer import model_config
 
 log = logging.getLogger("pipeline.bench")
 
@@ -21,9 +28,6 @@ LOOP_NAMES = {"eval": "forward", "attack": "fwd+bwd to input", "train": "fwd+bwd
 def precision_table(args, device) -> str:
     """Per model and loop: images/s in fp32 and each mode's ratio to it (one interleaved measurement after
     warm-up, pipeline.precision.measure), and the mode precision=auto picks, measured on its own."""
-    from pipeline import precision
-    from pipeline.classifier import build_net
-    from pipeline.tasks.transfer import model_config
     models = [("tiny", 64, 8)] if args.quick else PRECISION_MODELS
     modes = precision.MODES[1:]  # each as a ratio to fp32
     head = ["model", "px", "batch", "loop", "fp32 img/s", *[f"{m} / fp32" for m in modes], "auto picks",
@@ -48,9 +52,6 @@ def precision_speedup(args, device) -> tuple[float, float, str]:
     input set: seconds per UAP search pass (sgd_uap, 3 passes; the steady pass time, the first pass's set-up
     left out) and per evaluation (clean + UAP + random) with fp32 modes and with precision=auto's, side by side
     (interleaved, after a warm-up round). Returns (pass ratio, evaluation ratio, auto's modes)."""
-    from pipeline import precision
-    from pipeline.attack import new_attack
-    from pipeline.eval.predictions import predict
     a = argparse.Namespace(**{**vars(args), "model": "resnet18"})
     cfg, dm, net = load_setup(a)
     net = net.to(device)
@@ -87,10 +88,6 @@ def precision_check(args) -> str:
     channels_last (what precision=bf16 runs); each UAP evaluated in fp32 (the test FR with its 95 % interval),
     and the share of predictions (clean and with the UAP, train and test images) that a bf16 evaluation, raw or
     with the fp32 recheck of close calls, gives differently from fp32."""
-    from pipeline import precision
-    from pipeline.attack.build import make_uap
-    from pipeline.eval.metrics import fooling_rate, wilson
-    from pipeline.eval.predictions import predict
     device = torch.device(args.device)
     bf16 = precision.Mode(True, True)
     lines = ["| model | clean test acc (fp32) | UAP searched in | search s | test FR, fp32 evaluation | 95 % interval "

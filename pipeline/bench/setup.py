@@ -10,8 +10,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytorch_lightning
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from pipeline import precision
+from pipeline.classifier import train_or_load
+from pipeline.config import compose
+from pipeline.eval.metrics import attack_rate
+from pipeline.eval.predictions import eval_batch, predict
 
 log = logging.getLogger("pipeline.bench")
 
@@ -78,9 +87,7 @@ def cxr3_root() -> Path:
 
 def compose_config(overrides: list[str]):
     """The pipeline's own config (pipeline.config.compose), its paths under the project root."""
-    from omegaconf import open_dict
 
-    from pipeline.config import compose
     cfg = compose(overrides)
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
@@ -89,9 +96,7 @@ def compose_config(overrides: list[str]):
 
 def load_setup(args, overrides: list[str] | None = None):
     """The cached classifier and data, through the pipeline's own config and cache."""
-    from hydra.utils import instantiate
 
-    from pipeline.classifier import train_or_load
     cfg = compose_config(overrides or setup_overrides(args))
     dm = instantiate(cfg.data)
     dm.setup()
@@ -102,7 +107,6 @@ def load_setup(args, overrides: list[str] | None = None):
 def floor_seconds(net, x, batch_size, device) -> float:
     """One batched forward+backward pass (gradient w.r.t. the input) over x, in the network's attack mode
     (pipeline.precision); the best of two."""
-    from pipeline import precision
     mode = precision.mode_of(net, "attack")
     best = float("inf")
     for _ in range(2):
@@ -123,15 +127,12 @@ def sync(device):
 
 
 def fr_of(net, ds, v, clean, target, device) -> float:
-    from pipeline.eval.metrics import attack_rate
-    from pipeline.eval.predictions import predict
     p = predict(net, ds, {"v": v}, device=device)["v"]
     return attack_rate(clean, p, target)
 
 
 def eval_throughput(net, ds, eps, device) -> float:
     """Evaluation (clean + UAP + random in one pass) vs the raw forward over the same 3 x N images."""
-    from pipeline.eval.predictions import eval_batch, predict
     v = torch.full((1, ds.images.shape[-2], ds.images.shape[-1]), eps)
     x = ds.tensors()[0]
     best_raw = best_eval = float("inf")
@@ -156,8 +157,7 @@ def eval_throughput(net, ds, eps, device) -> float:
 
 
 def versions() -> str:
-    import art
-    import pytorch_lightning
+    import art  # the bench extra, as in pipeline.bench.art
     import timm
     return (f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
             f"lightning {pytorch_lightning.__version__}, adversarial-robustness-toolbox {art.__version__}")

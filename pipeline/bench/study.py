@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf, open_dict
 
 from pipeline import CONF
+from pipeline.attack.build import make_uap
 from pipeline.bench.setup import ROOT, compose_config, fr_of, load_setup, setup_overrides
+from pipeline.eval.predictions import predict
+from pipeline.report.tables import md_table
 
 log = logging.getLogger("pipeline.bench")
 
 
 def study_rows() -> list[tuple[str, list[str]]]:
     """The study's rows (conf/bench/study.yaml): a name and the overrides that make it."""
-    from omegaconf import OmegaConf
     rows = OmegaConf.load(CONF / "bench" / "study.yaml").rows
     return [(str(r.name), [str(o) for o in r.overrides]) for r in rows]
 
@@ -26,12 +30,8 @@ def study_rows() -> list[tuple[str, list[str]]]:
 def study(args) -> tuple[str, list[dict]]:
     """Each study row (conf/bench/study.yaml) made from an empty UAP cache and timed whole; FR (TSR) on the input
     set and on test."""
-    import tempfile
 
-    from omegaconf import open_dict
 
-    from pipeline.attack.build import make_uap
-    from pipeline.eval.predictions import predict
     device = torch.device(args.device)
     _, dm, net = load_setup(args)
     net = net.to(device)
@@ -68,7 +68,6 @@ def study(args) -> tuple[str, list[dict]]:
     rows = [done[name] for name, _ in rows_of if name in done]
     head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
             f"{'TSR' if args.targeted else 'FR'} test", "returned"]
-    from pipeline.report.tables import md_table
     table = md_table(head, [[r["name"], f"`{r['overrides']}`", f"{r['seconds']:.0f}", str(r["passes"]),
                              f"{r['fr_input']:.3f}", f"{r['fr_test']:.3f}", r["from"]] for r in rows])
     return table, rows

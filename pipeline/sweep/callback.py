@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import files, tracking
+from pipeline.errors import UserError
 from pipeline.sweep.jobs import DONE, LAUNCHER_ENV, PARENT_ENV, SIZE_ENV, failure_block, job_outcomes, launcher
 from pipeline.sweep.processes import State, register, stop_on_signal, sweep_lock
 from pipeline.sweep.summary import headline, summary_rows, write_summary
@@ -24,7 +25,6 @@ class MLflowParentRun(Callback):
     """Opens (or resumes) the MLflow parent run of a multirun and closes it with a summary of its jobs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from pipeline.errors import UserError
         try:
             files.check_writable(config.paths.cache_dir, "paths.cache_dir")  # the sweep's locks live there
             State.experiment_id = tracking.setup(config.tracking)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipeline import files, tracking
@@ -68,7 +69,6 @@ def claim(cfg: DictConfig, experiment_id: str):
 
 def record_job(status: str, error: str = "") -> None:
     """Write this job's outcome into its folder, for the sweep's end-of-run block (multirun jobs only)."""
-    from hydra.core.hydra_config import HydraConfig
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)

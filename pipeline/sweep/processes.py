@@ -8,6 +8,7 @@ import signal
 import socket
 from pathlib import Path
 
+import psutil
 from filelock import FileLock
 
 from pipeline import files, tracking
@@ -27,7 +28,6 @@ def sweep_lock(cache_dir: str, shash: str) -> tuple[FileLock, Path]:
 
 def register(registry: Path, add: bool) -> list[dict]:
     """Add or remove this process in the sweep's registry (under its lock); the others still alive."""
-    import psutil
     try:
         entries = json.loads(registry.read_text()) if registry.is_file() else []
     except ValueError:  # unreadable (written by an older version, not atomically): the live processes re-register
@@ -55,7 +55,6 @@ def stop_on_signal() -> None:
     most) while each closes its run KILLED and exits, then interrupts the sweep; `interrupted` closes
     what is left."""
     def handler(signum, frame):
-        import psutil
         State.signal = signum
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not break the clean-up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -76,7 +75,6 @@ def stop_on_signal() -> None:
 def workers() -> list:
     """The processes running this sweep's jobs (joblib's loky workers; not its resource tracker, which
     ends by itself with this process)."""
-    import psutil
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
@@ -91,7 +89,6 @@ def interrupted() -> int:
     """Clean up after a signal or Ctrl-C in the launching process: stop workers still there, mark this
     process's running children and (unless another process runs the sweep) the parent KILLED. Returns
     the exit code, 128 + the signal."""
-    import psutil
     for p in workers():
         try:
             p.kill()

@@ -3,6 +3,11 @@ of the cores, so that they do not slow each other down by oversubscribing them."
 import logging
 import os
 
+import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from pipeline.sweep.jobs import SIZE_ENV
@@ -14,9 +19,6 @@ def sweep_size(config: DictConfig) -> int | None:
     """The number of jobs of a multirun under Hydra's basic sweeper (the product of the swept values, the
     command line over the sweep's params, as the sweeper combines them); None for another sweeper or a
     sweep over `glob(...)` (which needs the sweeper's config loader)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
     if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
         return None
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
@@ -66,14 +68,12 @@ def set_job_threads() -> int | None:
     """In a job of a sweep: set torch's threads to `job_threads` and log the choice; returns the count, or None
     where left as it is. It overrides OMP_NUM_THREADS, and with it joblib's own cap on its workers' threads
     (cores // n_jobs, which counts n_jobs even when the sweep has fewer jobs)."""
-    from hydra.core.hydra_config import HydraConfig
     launcher_cfg, cores = HydraConfig.get().launcher, machine_cores()
     size = os.environ.get(SIZE_ENV)
     sweep_jobs = int(size) if size else None
     threads = job_threads(launcher_cfg, cores, sweep_jobs)
     if threads is None:
         return None
-    import torch
     torch.set_num_threads(int(threads))
     parallel = concurrent_jobs(launcher_cfg, cores, sweep_jobs)
     log.info("torch threads: %d (%d cores here, %s)", threads, cores,

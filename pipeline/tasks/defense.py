@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import figures, precision, tracking
+from pipeline.attack.build import make_uap
 from pipeline.classifier import Classifier, make_trainer, save_checkpoint
 from pipeline.data import CXRDataModule
 from pipeline.eval.metrics import accuracy, attack_rate
@@ -43,7 +44,6 @@ class UAPTraining(pl.Callback):
 
 
 def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path, device) -> dict[str, float]:
-    from pipeline.attack.build import make_uap
     d = cfg.defense
     test = dm.dataset("test")
     key = "tsr" if cfg.attack.target is not None else "fr"

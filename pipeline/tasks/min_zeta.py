@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from pipeline import files, tracking
+from pipeline.attack.build import make_uap
 from pipeline.eval.metrics import attack_rate
 from pipeline.eval.predictions import predict
 
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 
 
 def search(cfg: DictConfig, dm, net, out: Path, device, parent_run_id: str) -> dict[str, float]:
-    from pipeline.attack.build import make_uap
     m = cfg.min_zeta
     target_fr, tol = float(m.target_fr), float(m.tol)
     test = dm.dataset("test")

@@ -17,13 +17,22 @@ import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
+from pipeline import figures, files, tracking
+from pipeline.attack import random_control
+from pipeline.attack.build import make_uap
+from pipeline.classifier import train_or_load
+from pipeline.config import compose_group, validate
+from pipeline.errors import ConfigError, instantiate
+from pipeline.eval.metrics import attack_rate
+from pipeline.eval.predictions import predict
+from pipeline.job import output_dir
+from pipeline.precision import device_for
+
 log = logging.getLogger("pipeline.transfer")
 
 
 def model_config(name: str) -> DictConfig:
     """conf/model/<name>.yaml, composed (its shared base applied); an unknown name names transfer.models."""
-    from pipeline.config import compose_group
-    from pipeline.errors import ConfigError
     try:
         return compose_group("model", name)
     except ConfigError as e:
@@ -31,16 +40,6 @@ def model_config(name: str) -> DictConfig:
 
 
 def run_transfer(cfg: DictConfig) -> dict:
-    from pipeline import figures, files, tracking
-    from pipeline.attack import random_control
-    from pipeline.attack.build import make_uap
-    from pipeline.classifier import train_or_load
-    from pipeline.config import validate
-    from pipeline.errors import instantiate
-    from pipeline.eval.metrics import attack_rate
-    from pipeline.eval.predictions import predict
-    from pipeline.job import output_dir
-    from pipeline.precision import device_for
 
     names = list(cfg.transfer.models)
     out = output_dir(cfg)
