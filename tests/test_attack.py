@@ -230,6 +230,19 @@ def test_keep_best_never_returns_less_than_its_best_candidate(phantom_model):
     assert fit(same, dm).abs().max() == 0  # without the candidate, nothing
 
 
+def test_a_search_can_begin_at_its_best_candidate(phantom_model):
+    _, dm, model = phantom_model
+    strong = fit(make_attack(model, dm, "sgd_uap", "attack.max_iter=4", "attack.delta=0"), dm)
+    # a search that cannot move, returning its last iterate: it ends where it began
+    still = ["attack.max_iter=1", "attack.step=1e-9", "attack.keep=last"]
+    atk = make_attack(model, dm, "fgsm_uap_faithful", *still, "attack.start_at_candidate=true")
+    v = fit(atk, dm, candidates=[torch.zeros_like(strong), strong])
+    assert torch.allclose(v, strong.reshape(v.shape), atol=1e-6)  # the better candidate, not zeros
+    assert atk.exact_rate(v) >= 0.5
+    plain = make_attack(model, dm, "fgsm_uap_faithful", *still)
+    assert fit(plain, dm, candidates=[strong]).abs().max() == 0  # by default the first start is the initializer's
+
+
 def test_restarts_run_from_other_points_and_keep_the_best(phantom_model):
     _, dm, model = phantom_model
     atk = make_attack(model, dm, "sgd_uap", "attack.max_iter=1", "attack.delta=0", "attack.restarts=2",
@@ -269,14 +282,14 @@ def test_faithful_mode_tracks_art_on_a_tiny_set(phantom_model):
     gray image, and ART shuffles with its own generator: close, not identical."""
     from argparse import Namespace
 
-    from pipeline import bench
+    from pipeline.bench.art import run_art, run_ours
     _, dm, model = phantom_model
     x, y = dm.dataset("train").subset(range(64)).tensors()
     eps = zeta_to_eps(x[:, :1], 4, "linf")
     args = Namespace(step=0.004, delta=0.0, max_iter=2, batch_size=32, seed=0, zeta=4, record_every=0)
     net, cpu = model.net.eval(), torch.device("cpu")
-    art, _ = bench.run_art(net, x, eps, args, None, dm.num_classes, cpu)
-    ours, v = bench.run_ours("faithful", ["attack=fgsm_uap_faithful"], net, x, y, eps, args, None, dm.classes, cpu)
+    art, _ = run_art(net, x, eps, args, None, dm.num_classes, cpu)
+    ours, v = run_ours("faithful", ["attack=fgsm_uap_faithful"], net, x, y, eps, args, None, dm.classes, cpu)
     assert art.passes == ours.passes == 2
     assert art.fr_input >= 0.3, art.fr_input  # both get somewhere: a comparison, not two zeros
     assert abs(ours.fr_input - art.fr_input) <= 0.1, (ours.fr_input, art.fr_input)

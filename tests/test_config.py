@@ -67,7 +67,7 @@ def test_bad_values_fail_validation_naming_the_key(override, key, tmp_path):
 
 def test_console_scripts_are_installed(tmp_path):
     bin_dir = Path(sys.executable).parent
-    for script in ("uap-cxr-report", "uap-cxr-bench", "uap-cxr-transfer"):
+    for script in ("uap-cxr-report", "uap-cxr-bench"):
         assert (bin_dir / script).is_file(), script
     proc = subprocess.run([str(bin_dir / "uap-cxr"), "--help"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "UAP_CXR_ROOT": str(tmp_path)})

@@ -28,7 +28,7 @@ from pipeline.eval.predictions import predict
 from pipeline.job import output_dir
 from pipeline.precision import device_for
 
-log = logging.getLogger("pipeline.transfer")
+log = logging.getLogger(__name__)
 
 
 def model_config(name: str) -> DictConfig:
