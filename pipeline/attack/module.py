@@ -15,8 +15,8 @@ and the module's own switches: one image at a time (`per_image`, the paper's loo
 step only on images not yet fooled (`skip_fooled`), `restarts` from random points of the sphere (with
 `restart_objectives`, each restart minimising the next objective of that list),
 `candidates` (UAPs made elsewhere: the previous zeta's, the targeted ones) measured and, when given,
-the start of the first restart, and what is returned (`keep`: the last iterate or the best one seen by exact
-input-set fooling rate). Every iterate is projected onto the Lp ball (`norms.project`).
+the start of the first restart (with `start_at_candidate`: of the first start), and what is returned
+(`keep`: the last iterate or the best one seen by exact input-set fooling rate). Every iterate is projected onto the Lp ball (`norms.project`).
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ class UAP(pl.LightningModule):
                  zeta: float = 2.0, eps: float | None = None, target: str | None = None, clip: bool = False,
                  batch_size: int = 32, per_image: bool = False,
                  skip_fooled: bool = False, keep: str = "last", restarts: int = 0,
-                 restart_objectives: Sequence | None = None, exact_fr: bool = False,
+                 restart_objectives: Sequence | None = None, start_at_candidate: bool = False,
+                 exact_fr: bool = False,
                  augment: dict | None = None, record_fr: bool = False, name: str | None = None):
         super().__init__()
         self.classes = list(classes)
@@ -97,6 +98,8 @@ class UAP(pl.LightningModule):
         self.skip_fooled, self.keep, self.restarts = bool(skip_fooled), keep, restarts
         # the restarts' objectives in turn (other objectives find other optima); none: the first one's
         self.restart_objectives = list(restart_objectives or [])
+        # the first start begins at the best candidate (when there is one) instead of the initializer's point
+        self.start_at_candidate = bool(start_at_candidate)
         self.exact_fr, self.augment = bool(exact_fr), dict(augment) if augment else None
         # measurement only (benchmarks): the exact input-set FR after every pass, its time not counted
         self.record_fr, self.record_every = bool(record_fr), 0  # record_every: also every k steps
@@ -179,9 +182,9 @@ class UAP(pl.LightningModule):
             if self.start > 0:
                 if self.best is not None and self.best["fr"] >= 1 - self.stopper.delta:
                     break
+                warm_restart = self.start == 1 and self.warm is not None and not self.start_at_candidate
                 with torch.no_grad():  # the first restart from the best candidate (a warm start), if any
-                    self.v.copy_(self.warm if self.start == 1 and self.warm is not None
-                                 else random_uap(self.v.shape, self.eps, self.norm, init_gen))
+                    self.v.copy_(self.warm if warm_restart else random_uap(self.v.shape, self.eps, self.norm, init_gen))
             self.current_objective = self.objective_of(self.start)
             loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=shuffle_gen)
             pl.seed_everything(seed + self.start, workers=True, verbose=False)
@@ -234,6 +237,9 @@ class UAP(pl.LightningModule):
             for i, c in enumerate(self.candidates):
                 self.consider(c, self.exact_rate(c), f"candidate {i}")
             self.warm = None if self.best is None else self.best["v"]
+            if self.start_at_candidate and self.warm is not None:
+                with torch.no_grad():
+                    self.v.copy_(self.warm)
             log.info("%s: eps=%.5g (%s, zeta=%g%%), %s, %d input images, up to %d passes x %d start(s)%s", self.name,
                      self.eps, self.norm, self.zeta, f"target {self.target_name}" if self.targeted else "non-targeted",
                      len(self.clean_pred), self.stopper.max_passes, self.restarts + 1,
