@@ -16,7 +16,8 @@ step only on images not yet fooled (`skip_fooled`), `restarts` from random point
 `restart_objectives`, each restart minimising the next objective of that list),
 `candidates` (UAPs made elsewhere: the previous zeta's, the targeted ones) measured and, when given,
 the start of the first restart (with `start_at_candidate`: of the first start), and what is returned
-(`keep`: the last iterate or the best one seen by exact input-set fooling rate). Every iterate is projected onto the Lp ball (`norms.project`).
+(`keep`: the last iterate or the best one seen by exact input-set fooling rate). Every iterate is projected
+onto the Lp ball (`norms.project`).
 """
 from __future__ import annotations
 
