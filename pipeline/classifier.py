@@ -224,9 +224,9 @@ def load_classifier_file(cfg: DictConfig, dm) -> tuple[Classifier, dict]:
     return model, {**meta, "cache_hit": True, "source": "file", "path": str(path)}
 
 
-def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
+def train_or_load(cfg: DictConfig, dm, callbacks: Sequence[pl.Callback] = ()) -> tuple[Classifier, dict]:
     """The classifier for this config: `classifier_file` when set; else from the cache when present and valid,
-    else trained and cached."""
+    else trained (with these extra callbacks, e.g. the job's training curves) and cached."""
     if cfg.get("classifier_file"):
         return load_classifier_file(cfg, dm)
     key = classifier_key(cfg, dm)
@@ -254,10 +254,9 @@ def train_or_load(cfg: DictConfig, dm, logger=None) -> tuple[Classifier, dict]:
         no_val = {"limit_val_batches": 0} if len(dm.dataset("val")) == 0 else {}
         mode = precision.mode_of(model.net, "train")
         precision.prepare(model.net, mode)
-        trainer = make_trainer(cfg, precision=mode.lightning, callbacks=[best, *shown.pop("callbacks")], **shown,
-                               **no_val,
-                               logger=logger if logger is not None else False,
-                               enable_checkpointing=False, default_root_dir=str(entry))
+        trainer = make_trainer(cfg, precision=mode.lightning, callbacks=[best, *shown.pop("callbacks"), *callbacks],
+                               **shown, **no_val, logger=False, enable_checkpointing=False,
+                               default_root_dir=str(entry))
         t0 = time.time()
         trainer.fit(model, datamodule=dm)
         if best.state is not None:

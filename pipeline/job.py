@@ -131,7 +131,7 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
         dm.setup()
         if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
-        model, meta = loaded or train_or_load(cfg, dm, logger=tracking.training_logger(mlrun.info.run_id))
+        model, meta = loaded or train_or_load(cfg, dm, callbacks=[tracking.TrainingCurves()])
         tracking.set_tags({"classifier_cache": meta.get("source") or ("hit" if meta["cache_hit"] else "trained"),
                            "classifier_path": meta["path"]})
         modes = precision.modes_of(model.net)

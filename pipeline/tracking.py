@@ -18,9 +18,9 @@ from typing import Any
 
 import mlflow
 import psutil
+import pytorch_lightning as pl
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import MLFlowLogger
 
 from pipeline import files
 from pipeline.errors import StorageError, UserError
@@ -428,7 +428,7 @@ def result_keys(run) -> list[str]:
 
 def complete(run) -> bool:
     """A run is a done job only when FINISHED with its whole result (`result_keys`): a run that says FINISHED
-    without it (one closed early, as Lightning's logger once did after training) is redone."""
+    without it (one closed before its result was logged) is redone."""
     metrics = flat_metrics(run.data.metrics)
     return run.info.status == "FINISHED" and all(k in metrics for k in result_keys(run))
 
@@ -443,28 +443,24 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, model_id:
     mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()}, step=step, model_id=model_id)
 
 
-class JobLogger(MLFlowLogger):
-    """Lightning's MLflow logger writing the training curves into the job's own run, which it never ends.
-    Lightning's own ends the run it is handed (`finalize` -> FINISHED) when training ends, before the attack
-    has run: a job killed then would be left FINISHED without its result. The job closes its run itself, when
-    its last metric and artifact are logged (start_run). A store locked past its busy timeout costs
-    a point of the curves (warned), never the training."""
+class TrainingCurves(pl.Callback):
+    """The classifier's training curves (`fit/...`, one point per epoch) into the job's open run, through this
+    module like every other metric. The run stays open: the job ends it after its last metric and artifact. A
+    store locked past its busy timeout costs a point of the curves (warned), never the training."""
 
-    def log_metrics(self, metrics, step=None) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the epoch's validation: its train and validation means (not the per-step values)
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()
+             if k.startswith("fit/") and not k.endswith("_step")}
+        if not m:
+            return
         try:
-            super().log_metrics(metrics, step)
+            log_metrics(m, step=trainer.current_epoch)
         except Exception as e:
             if not is_busy(e):
                 raise
-            log.warning("training curves: step %s not logged, the MLflow store is locked by another process", step)
-
-    def finalize(self, status: str = "success") -> None:
-        pass  # no checkpoints to upload (enable_checkpointing=False), and the run stays open
-
-
-def training_logger(run_id: str) -> JobLogger:
-    """Lightning's MLflow logger for the training curves, into the job's open run `run_id`."""
-    return JobLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)
+            log.warning("training curves: epoch %d not logged, the MLflow store is locked by another process",
+                        trainer.current_epoch)
 
 
 # --------------------------------------------------------------------------- reading the store back
