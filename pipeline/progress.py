@@ -1,4 +1,4 @@
-"""Progress of long work and a quiet console.
+"""Progress of long work, its clock, and a quiet console.
 
 On a terminal a Lightning bar labelled by what it counts (`UAP pass 3/15`, `classifier epoch 4/20`); in a log
 file or a captured stream (no TTY) one line per epoch or pass instead, never a bar. `quiet_libraries` silences,
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
@@ -66,6 +68,24 @@ def trainer_progress(enabled: bool, label: Callable[[pl.Trainer], str],
     if enabled and interactive():
         return {"enable_progress_bar": True, "callbacks": [LabelledBar(label)]}
     return {"enable_progress_bar": False, "callbacks": [EpochLines(line)] if line else []}
+
+
+class Stopwatch:
+    """Seconds since it started, less the time spent in `paused()` (measurements made beside the work)."""
+
+    def __init__(self):
+        self.t0, self.off = time.perf_counter(), 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0 - self.off
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.off += time.perf_counter() - t
 
 
 QUIET_LOGGERS = ("pytorch_lightning.utilities.rank_zero",  # "GPU available", the litlogger tip, "`max_epochs` reached"

@@ -22,7 +22,6 @@ onto the Lp ball (`norms.project`).
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from collections.abc import Sequence
 
@@ -71,7 +70,7 @@ class UAP(pl.LightningModule):
                  skip_fooled: bool = False, keep: str = "last", restarts: int = 0,
                  restart_objectives: Sequence | None = None, start_at_candidate: bool = False,
                  exact_fr: bool = False,
-                 augment: dict | None = None, record_fr: bool = False, name: str | None = None):
+                 augment: dict | None = None, name: str | None = None):
         super().__init__()
         self.classes = list(classes)
         self.norm = check_norm(norm)
@@ -102,8 +101,6 @@ class UAP(pl.LightningModule):
         # the first start begins at the best candidate (when there is one) instead of the initializer's point
         self.start_at_candidate = bool(start_at_candidate)
         self.exact_fr, self.augment = bool(exact_fr), dict(augment) if augment else None
-        # measurement only (benchmarks): the exact input-set FR after every pass, its time not counted
-        self.record_fr, self.record_every = bool(record_fr), 0  # record_every: also every k steps
         self.n_inputs = 0  # set by pipeline.attack.build.build_attack
         self.v = nn.Parameter(torch.zeros(1, image_size, image_size))
         self.classifier = classifier.eval()
@@ -148,8 +145,10 @@ class UAP(pl.LightningModule):
 
     # -- the search
     def make(self, images: torch.Tensor, labels: torch.Tensor, trainer_kwargs: dict | None = None, seed: int = 0,
-             candidates: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+             candidates: Sequence[torch.Tensor] = (), callbacks: Sequence[pl.Callback] = ()) -> torch.Tensor:
         """Search on the input set (float images (N, 3, H, W)) and return the UAP (1, H, W).
+
+        `callbacks`: Lightning callbacks watching the search (the bench's instruments, pipeline.bench.trace).
 
         `candidates`: UAPs to weigh against the search (projected onto this budget's ball); the first restart
         begins at the best of them, and with `keep: best` the result fools at least as many input images."""
@@ -163,21 +162,22 @@ class UAP(pl.LightningModule):
         if self.step_rule is not None:
             steps_per_pass = -(-len(labels) // self.batch_size)
             self.step_rule.setup(self.eps, self.norm, self.v.numel(), self.stopper.max_passes * steps_per_pass)
-        self.history, self.trace, self.best, self.start, self.warm = [], [], None, 0, None
-        self.t_start, self.unclocked = time.perf_counter(), 0.0
+        self.history, self.best, self.start, self.warm = [], None, 0, None
+        self.clock = progress.Stopwatch()  # the search's time; measurements made beside it pause it
         init_gen, shuffle_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.v.copy_(project(self.initializer(self.v.shape, self.eps, self.norm, init_gen)[None],
                                  self.eps, self.norm)[0])
         if self.stopper.max_passes == 0:  # no search: the initializer's point (the random control)
-            self.history = [{"start": 0, "pass": 0, "seconds": time.perf_counter() - self.t_start, "fr": float("nan")}]
+            self.history = [{"start": 0, "pass": 0, "seconds": self.clock.elapsed(), "fr": float("nan")}]
             return self.uap()
         kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                   enable_model_summary=False, num_sanity_val_steps=0)
         kw.update(trainer_kwargs or {})
         kw.update(max_epochs=self.stopper.max_passes, limit_val_batches=0)
         # a bar labelled "UAP pass 3/15" on a terminal; else one log line per pass (on_train_epoch_end)
-        kw.update(progress.trainer_progress(kw.pop("enable_progress_bar", True), self.pass_label))
+        shown = progress.trainer_progress(kw.pop("enable_progress_bar", True), self.pass_label)
+        kw.update(shown, callbacks=[*shown["callbacks"], *callbacks])
         for start in range(self.restarts + 1):
             self.start = start
             if self.start > 0:
@@ -234,7 +234,7 @@ class UAP(pl.LightningModule):
             # a fixed-order loader for whole-set predictions (leaves the shuffling generator untouched)
             self.eval_loader = DataLoader(self.dataset, batch_size=eval_batch(self.device))
             self.clean_pred = self.predict_all(None)
-            self.t_start = time.perf_counter()
+            self.clock = progress.Stopwatch()
             for i, c in enumerate(self.candidates):
                 self.consider(c, self.exact_rate(c), f"candidate {i}")
             self.warm = None if self.best is None else self.best["v"]
@@ -318,18 +318,6 @@ class UAP(pl.LightningModule):
         if fools is not None:
             self.fooled[idx] = fools[chosen]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.record_fr and self.record_every and (batch_idx + 1) % self.record_every == 0:
-            self.record()
-
-    def record(self) -> float:
-        """Benchmarks: the exact input-set rate now, measured off the clock, into `trace`."""
-        t0 = time.perf_counter()
-        fr = self.exact_rate(self.v.detach())
-        self.trace.append((t0 - self.t_start - self.unclocked, fr))
-        self.unclocked += time.perf_counter() - t0
-        return fr
-
     def on_train_epoch_end(self):
         fr_exact = None
         if self.exact_fr or self.keep == "best" or self.stopper.patience:  # a pass over the set with v
@@ -339,13 +327,8 @@ class UAP(pl.LightningModule):
                                             f"pass {len(self.start_frs) + 1}")
             if self.exact_fr:  # ART: the fooled set of record is the exact one
                 self.fooled = fooled
-        seconds = time.perf_counter() - self.t_start - self.unclocked
+        seconds = self.clock.elapsed()
         fr = fr_exact if fr_exact is not None else self.fooled.float().mean().item()
-        if self.record_fr:
-            if fr_exact is None:
-                fr_exact = self.record()
-            else:
-                self.trace.append((seconds, fr_exact))
         self.start_frs.append(fr)
         self.history.append({"start": self.start, "pass": len(self.history) + 1, "seconds": seconds, "fr": fr,
                              "fr_exact": fr_exact})

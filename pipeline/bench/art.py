@@ -21,6 +21,7 @@ from pipeline.bench.setup import (
     fr_of,
     load_setup,
 )
+from pipeline.bench.trace import RateTrace
 from pipeline.eval.predictions import predict
 
 log = logging.getLogger("pipeline.bench")
@@ -85,18 +86,19 @@ def run_art(net, x, eps, args, target, n_classes, device) -> tuple[Row, torch.Te
 
 def run_ours(name, overrides, net, x, y, eps, args, target, classes, device) -> tuple[Row, torch.Tensor]:
     """One row: the attack composed from conf/attack (+ overrides), made on x with the bench's eps and seed."""
-    atk = new_attack(attack_config(args, overrides), net, x.shape[-1], classes, eps=eps, record_fr=True,
+    atk = new_attack(attack_config(args, overrides), net, x.shape[-1], classes, eps=eps,
                      target=None if target is None else classes[target])
-    atk.record_every = args.record_every
+    trace = RateTrace(args.record_every)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         v = atk.make(x, y, trainer_kwargs={"accelerator": "gpu" if device.type == "cuda" else "cpu",
-                                           "enable_progress_bar": False}, seed=args.seed)
+                                           "enable_progress_bar": False}, seed=args.seed, callbacks=[trace])
         seconds = time.perf_counter() - t0
     net.to(device)  # Lightning's teardown moves the fitted module back to the CPU
-    seconds -= atk.unclocked  # the measurement-only passes are not the method's time
+    seconds -= atk.clock.off  # the trace's measurements are not the method's time
     fr_input = atk.to(device).exact_rate(v)  # of the UAP returned (with keep: best, not always the last iterate)
-    return Row(name, seconds, atk.passes, fr_input, float("nan"), v.abs().max().item() / eps, mem.peak, atk.trace), v
+    return Row(name, seconds, atk.passes, fr_input, float("nan"), v.abs().max().item() / eps, mem.peak,
+               trace.points), v
 
 
 def bench(args) -> tuple[list[Row], dict]:
