@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import figures, precision, tracking
+from pipeline import figures, precision, progress, tracking
 from pipeline.attack.build import make_uap
 from pipeline.classifier import Classifier, make_trainer, save_checkpoint
 from pipeline.data import CXRDataModule
@@ -70,9 +70,14 @@ def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path
         with_uap = UAPTraining(uap, float(d.fraction), bool(cfg.attack.clip), bool(d.get("freeze_bn", True)))
         mode = precision.mode_of(model.net, "train")  # fine-tuning: the training loop's mode
         precision.prepare(model.net, mode)
+        # a labelled bar on a terminal, else one log line per epoch: never raw bars in a log file
+        def label(t: pl.Trainer, r: int = r) -> str:
+            return f"defense round {r}/{d.rounds}, epoch {t.current_epoch + 1}/{t.max_epochs}"
+
+        shown = progress.trainer_progress(bool(cfg.trainer.get("enable_progress_bar", True)), label, label)
         trainer = make_trainer(cfg, max_epochs=int(d.epochs), precision=mode.lightning, logger=False,
-                               enable_checkpointing=False,
-                               limit_val_batches=0, default_root_dir=str(out), callbacks=[with_uap])
+                               enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(out),
+                               callbacks=[with_uap, *shown.pop("callbacks")], **shown)
         trainer.fit(model, train_dataloaders=dm.train_dataloader())
         model.net.to(device)
         uap, after = measure(r, uap)
