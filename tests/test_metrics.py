@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
+from pipeline.data import GrayDataset
 from pipeline.eval.metrics import (
     accuracy,
     attack_metrics,
@@ -13,6 +15,7 @@ from pipeline.eval.metrics import (
     success_rate,
     wilson,
 )
+from pipeline.eval.predictions import predict
 
 T = torch.tensor
 
@@ -51,7 +54,7 @@ def test_wilson_interval_by_hand():
     assert wilson(1.0, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
     lo, hi = wilson(0.5, 303)
     assert 0.054 < (hi - lo) / 2 < 0.058  # the issue's "about +-0.05 at 0.5 on 303 images"
-    assert all(math.isnan(x) for x in wilson(0.5, float("nan")))  # an older run without its image count
+    assert all(math.isnan(x) for x in wilson(0.5, float("nan")))  # a run without its image count
 
 
 def test_attack_metric_names():
@@ -65,3 +68,30 @@ def test_attack_metric_names():
     assert m["test_uap_share_COVID-19"] == 1.0
     assert m["test_uap_sens_normal"] == 0.0 and m["test_uap_ppv_COVID-19"] == 0.5
     assert "test_tsr" not in attack_metrics("test", labels, preds, ["a", "b", "c"], target=None)
+
+
+def test_clean_predictions_are_made_once_per_classifier_and_images():
+    """A sweep's jobs share a classifier: its clean predictions on a split are computed once, and again only
+    when the weights or the images change."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    seen = []
+    net.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    ds = GrayDataset(torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    v = torch.full((1, 16, 16), 0.05)
+    first = predict(net, ds, {"clean": None, "uap": v})
+    n_first = sum(seen)
+    assert n_first == 20  # clean and UAP inputs, stacked
+    again = predict(net, ds, {"clean": None, "uap": v})
+    assert sum(seen) - n_first == 10  # only the UAP inputs
+    assert torch.equal(first["clean"], again["clean"]) and torch.equal(first["uap"], again["uap"])
+    seen.clear()
+    assert torch.equal(predict(net, ds, {"c": None})["c"], first["clean"]) and not seen  # nothing to forward
+    with torch.no_grad():
+        net[3].bias.add_(1.0)  # other weights: predicted again
+    predict(net, ds, {"clean": None})
+    assert sum(seen) == 10
+    other = GrayDataset(ds.images.flip(-1), ds.labels)
+    seen.clear()
+    predict(net, other, {"clean": None})
+    assert sum(seen) == 10

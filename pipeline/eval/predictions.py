@@ -1,5 +1,12 @@
-"""Batched evaluation: clean, UAP and random-control predictions of a split in one pass."""
+"""Batched evaluation: clean, UAP and random-control predictions of a split in one pass.
+
+The clean predictions of a classifier on a split are the same for every UAP: the jobs of a sweep that share a
+process (one classifier, many UAPs) predict them once, memoised by a digest of the weights and the images.
+"""
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -17,6 +24,19 @@ def eval_batch(device: torch.device | str) -> int:
     return EVAL_BATCH.get(torch.device(device).type, 128)
 
 
+CLEAN: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> clean predictions, the newest few
+CLEAN_KEPT = 16
+
+
+def clean_key(net: nn.Module, images: torch.Tensor, mode, recheck: float) -> str:
+    """What the clean predictions depend on: the weights (and buffers), the images, the precision mode."""
+    h = hashlib.sha256(f"{type(net).__name__}|{mode}|{recheck}|{tuple(images.shape)}".encode())
+    for t in (*net.state_dict().values(), images):
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.dtype != torch.bool else t.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tensor | None],
             batch_size: int | None = None,
@@ -30,7 +50,17 @@ def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tens
     net = net.eval().to(device)
     mode, recheck = precision.mode_of(net, "eval"), precision.recheck_of(net)
     names = list(perturbations)
-    vs = [None if v is None else v.to(device) for v in perturbations.values()]
+    known = {}
+    if any(v is None for v in perturbations.values()):
+        key = clean_key(net, ds.images, mode, recheck)
+        if key in CLEAN:
+            CLEAN.move_to_end(key)
+            known = {n: CLEAN[key] for n, v in perturbations.items() if v is None}
+            names = [n for n in names if n not in known]
+            if not names:
+                return known
+    vs = [perturbations[n] for n in names]
+    vs = [None if v is None else v.to(device) for v in vs]
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for start in range(0, len(ds), batch_size):
         x = to_float3(ds.images[start:start + batch_size]).to(device)
@@ -41,4 +71,10 @@ def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tens
         preds = precision.predicted(net, torch.cat(xs), mode, recheck).view(len(xs), -1).cpu()
         for n, p in zip(names, preds):
             out[n].append(p)
-    return {n: torch.cat(p) for n, p in out.items()}
+    result = {n: torch.cat(p) for n, p in out.items()}
+    for n in names:
+        if perturbations[n] is None:
+            CLEAN[key] = result[n]
+            while len(CLEAN) > CLEAN_KEPT:
+                CLEAN.popitem(last=False)
+    return {n: known[n] if n in known else result[n] for n in perturbations}
