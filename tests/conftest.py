@@ -6,9 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+
+from pipeline.classifier import train_or_load
+from pipeline.tracking import flat_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -52,12 +57,16 @@ def run_cli(args: list[str], root: Path, check: bool = True, timeout: int = 600,
 def mlflow_runs(root: Path | str, experiment: str = "uap-cxr"):
     """All runs of the store under `root` (or of the tracking server at the URI `root`), as a pandas DataFrame;
     metric columns under the code's flat names (`metrics.test_fr` for MLflow's `test/fr`, tracking.flat_key)."""
-    import mlflow
-
-    from pipeline.tracking import flat_key
     mlflow.set_tracking_uri(root if str(root).startswith("http") else f"sqlite:///{root}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="", max_results=1000)
     return runs.rename(columns=lambda c: "metrics." + flat_key(c[8:]) if c.startswith("metrics.") else c)
+
+
+def assert_cache_hit(runs, second: subprocess.CompletedProcess) -> None:
+    """Two identical runs, oldest first in `runs` (mlflow_runs): the first trained the classifier, the second
+    (`second`, its process) loaded it from the cache and said so."""
+    assert list(runs["tags.classifier_cache"]) == ["trained", "hit"]
+    assert "loaded from cache" in second.stderr + second.stdout
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +82,6 @@ def cxr3_root() -> Path:
 @pytest.fixture(scope="session")
 def phantom_model(tmp_path_factory):
     """The tiny classifier trained once on the fast phantom recipe: (cfg, datamodule, classifier)."""
-    from hydra.utils import instantiate
-
-    from pipeline.classifier import train_or_load
     root = tmp_path_factory.mktemp("phantom")
     cfg = make_cfg(FAST, root)
     dm = instantiate(cfg.data)

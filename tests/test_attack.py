@@ -3,7 +3,9 @@
 Projection, zeta -> eps, the random control; FGSM / optimiser step rules, objectives, acceptance and
 stopping by hand; UAPs that beat their random control; keep-best and candidates; determinism.
 """
+import functools
 import math
+from argparse import Namespace
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from pipeline.attack.build import build_attack
 from pipeline.attack.objective import CrossEntropy, LeaveClass, Margin
 from pipeline.attack.step import FGSM, Optimizer
 from pipeline.attack.stopper import Stopper
+from pipeline.bench.art import run_art, run_ours
+from pipeline.bench.study import parse_rows
 from pipeline.errors import ConfigError
 from pipeline.eval.metrics import fooling_rate, success_rate
 from pipeline.eval.predictions import predict
@@ -103,7 +107,6 @@ def test_optimizer_learning_rate_is_relative_to_eps_per_pixel(norm, per_pixel):
 
 
 def test_optimizer_schedule_runs_over_the_whole_search():
-    import functools
     rule = Optimizer(optimizer=torch.optim.Adam, lr=1.0,
                      scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR))
     rule.setup(eps=1.0, norm="linf", numel=4, total_steps=20)
@@ -280,9 +283,6 @@ def test_faithful_mode_tracks_art_on_a_tiny_set(phantom_model):
     """The reference row of the bench: fgsm_uap_faithful against ART's UniversalPerturbation (FGSM attacker),
     same classifier, images, eps, step and passes. ART's UAP has 3 channels where the paper's (ours) is one
     gray image, and ART shuffles with its own generator: close, not identical."""
-    from argparse import Namespace
-
-    from pipeline.bench.art import run_art, run_ours
     _, dm, model = phantom_model
     x, y = dm.dataset("train").subset(range(64)).tensors()
     eps = zeta_to_eps(x[:, :1], 4, "linf")
@@ -298,7 +298,6 @@ def test_faithful_mode_tracks_art_on_a_tiny_set(phantom_model):
 
 def test_study_rows_selection():
     """`python -m pipeline.bench --study --rows`: 1-based rows and ranges, 'none', and a clear error otherwise."""
-    from pipeline.bench.study import parse_rows
     assert parse_rows("1,3,14-16", 17) == {1, 3, 14, 15, 16}
     assert parse_rows(None, 3) == {1, 2, 3} and parse_rows("none", 3) == set()
     for bad in ("0", "2-1", "18", "a"):

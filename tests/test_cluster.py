@@ -237,7 +237,7 @@ def postgres_database():
            "-E", "UTF8")
         pg("pg_ctl", "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "start",
            "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1")
-        import psycopg
+        import psycopg  # the cluster extra: only where it is installed (importorskip above skips otherwise)
         with psycopg.connect(host="127.0.0.1", port=port, user="mlflow", password="secret", dbname="postgres",
                              autocommit=True) as conn:
             conn.execute("CREATE DATABASE mlflow")
@@ -258,7 +258,7 @@ def test_a_tracking_server_on_postgresql_takes_parallel_jobs(tmp_path):
         assert len(parents) == 1 and len(kids) == 2 and set(runs["status"]) == {"FINISHED"}
         assert set(kids["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
         assert sorted(kids["tags.classifier_cache"]) == ["hit", "trained"]
-        import sqlalchemy
+        import sqlalchemy  # only this slow PostgreSQL test needs it: imported here, like psycopg
         with sqlalchemy.create_engine(db).connect() as conn:  # the runs are in PostgreSQL
             stored = conn.execute(sqlalchemy.text("SELECT run_uuid, status FROM runs")).all()
         assert sorted(stored) == sorted(zip(runs["run_id"], runs["status"]))

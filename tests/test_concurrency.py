@@ -6,14 +6,17 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import psutil
 from conftest import ROOT, mlflow_runs, run_cli
 from test_reliability import start, wait_for
 
+from pipeline import sweep
+
 
 def test_a_new_store_opened_by_four_processes_at_once_is_created_once(tmp_path):
-    """MLflow creates a SQLite store's tables on first use; four processes doing it in the same instant
-    used to corrupt it (`table _alembic_tmp_... already exists`)."""
+    """MLflow creates a SQLite store's tables on first use; four processes doing it in the same instant get one
+    experiment and a working store, with no `table _alembic_tmp_... already exists` error."""
     code = ("import sys, time; from omegaconf import OmegaConf; from pipeline import tracking\n"
             "cfg = OmegaConf.create({'uri': f'sqlite:///{sys.argv[1]}/mlflow.db', 'experiment': 'uap-cxr'})\n"
             "while time.time() < float(sys.argv[2]): time.sleep(0.001)\n"
@@ -98,9 +101,6 @@ def test_a_sweep_with_no_tracking_server_fails_before_any_job(tmp_path):
 
 def test_the_sweep_summary_counts_a_job_once(tmp_path):
     """A job KILLED and then redone to FINISHED is finished; a job that only failed is not."""
-    import mlflow
-
-    from pipeline import sweep
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = mlflow.create_experiment("e")
     client = mlflow.MlflowClient()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_cfg, run_cli
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline.config import group_options, validate
@@ -36,7 +37,6 @@ PARTS = ["initializer", "objective", "step_rule", "acceptance", "stopper"]
 
 @pytest.mark.parametrize("part, option", [(p, o) for p in PARTS for o in options(f"attack/{p}")])
 def test_every_attack_part_composes_and_instantiates(part, option, tmp_path):
-    from hydra.utils import instantiate
     extra = ["attack.initializer.path=/some/uap.npy"] if option == "from_file" else []
     cfg = make_cfg(["attack=strong_uap", f"attack/{part}={option}", *extra], tmp_path)
     validate(cfg)

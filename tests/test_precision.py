@@ -1,16 +1,26 @@
 """precision=auto|32|bf16: the modes of each loop, the fp32 recheck of bf16's close calls, determinism within a
 precision, and a bf16-searched UAP judged in fp32 (pipeline/precision.py)."""
+import argparse
+
 import pytest
 import torch
-from conftest import FAST, make_cfg
+from conftest import FAST, cells, make_cfg
+from hydra.utils import instantiate
 
 from pipeline import precision
+from pipeline.attack import random_control
+from pipeline.attack.build import make_uap
+from pipeline.bench.precision import LOOP_NAMES, precision_table
+from pipeline.classifier import train_or_load
+from pipeline.config import validate
 from pipeline.errors import ConfigError
+from pipeline.eval.metrics import fooling_rate, wilson
+from pipeline.eval.predictions import predict
+from pipeline.identity import classifier_key, job_hash
 from pipeline.precision import FP32, Mode
 
 
 def test_the_precision_key_is_checked_before_any_work():
-    from pipeline.config import validate
     for bad, key in (("precision=16", "precision"), ("precision_recheck=1.5", "precision_recheck"),
                      ("+trainer.precision=bf16-mixed", "trainer.precision")):
         with pytest.raises(ConfigError, match=key):
@@ -77,7 +87,6 @@ def test_bf16_close_calls_are_predicted_again_in_fp32():
 
 
 def test_the_classifier_cache_key_and_job_identity_include_the_precision():
-    from pipeline.identity import classifier_key, job_hash
     a, b = make_cfg(["precision=32"]), make_cfg(["precision=bf16"])
     assert classifier_key(a) != classifier_key(b) and job_hash(a) != job_hash(b)
 
@@ -85,9 +94,6 @@ def test_the_classifier_cache_key_and_job_identity_include_the_precision():
 @pytest.fixture(scope="module")
 def tiny_trained(tmp_path_factory):
     """The tiny classifier trained once in fp32 on the fast phantom recipe."""
-    from hydra.utils import instantiate
-
-    from pipeline.classifier import train_or_load
     root = tmp_path_factory.mktemp("precision")
     cfg = make_cfg([*FAST, "precision=32", "attack=sgd_uap", "attack.max_iter=2"], root)
     dm = instantiate(cfg.data)
@@ -98,7 +104,6 @@ def tiny_trained(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", [FP32, Mode(True, True)], ids=str)
 def test_a_search_is_deterministic_within_its_precision(tiny_trained, mode):
-    from pipeline.attack.build import make_uap
     cfg, dm, net = tiny_trained
     precision.attach(net, {"train": FP32, "attack": mode, "eval": mode}, 0.05)
     uaps = [make_uap(cfg, dm, net, "cpu")[1] for _ in range(2)]
@@ -108,10 +113,6 @@ def test_a_search_is_deterministic_within_its_precision(tiny_trained, mode):
 def test_a_uap_searched_in_bf16_fools_as_the_fp32_one_does_when_judged_in_fp32(tiny_trained):
     """bf16 (the search's precision) and fp32 UAPs against the same fp32 classifier, both evaluated in fp32:
     within each other's 95 % interval on the 300 test images, and both far above the random control."""
-    from pipeline.attack import random_control
-    from pipeline.attack.build import make_uap
-    from pipeline.eval.metrics import fooling_rate, wilson
-    from pipeline.eval.predictions import predict
     cfg, dm, net = tiny_trained
     test, frs = dm.dataset("test"), {}
     for mode in (FP32, Mode(True, True)):
@@ -129,11 +130,6 @@ def test_a_uap_searched_in_bf16_fools_as_the_fp32_one_does_when_judged_in_fp32(t
 def test_the_bench_precision_table_has_each_loop_and_the_mode_auto_picks():
     """`make bench`'s precision table (its --quick form: the tiny model at 64 px): a row per loop, fp32's images/s,
     each other mode's ratio to it, and auto's choice, one of the four modes."""
-    import argparse
-
-    from conftest import cells
-
-    from pipeline.bench.precision import LOOP_NAMES, precision_table
     rows = [cells(line) for line in precision_table(argparse.Namespace(quick=True), "cpu").splitlines()[2:]]
     assert [r[3] for r in rows] == [LOOP_NAMES[loop] for loop in precision.LOOPS]
     for r in rows:

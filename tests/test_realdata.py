@@ -3,9 +3,10 @@ classifier and its UAP applied to another folder (task=evaluate)."""
 import shutil
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
-from conftest import mlflow_runs, run_cli
+from conftest import assert_cache_hit, mlflow_runs, run_cli
 
 pytestmark = pytest.mark.realdata
 
@@ -40,12 +41,10 @@ def test_uap_fools_real_model_far_more_than_random(cxr3_runs):
 
 
 def test_real_run_is_logged_and_second_run_hits_the_cache(cxr3_runs):
-    import mlflow
     root, first_run, second = cxr3_runs
     runs = mlflow_runs(root).sort_values("start_time")
     assert list(runs["status"]) == ["FINISHED", "FINISHED"]
-    assert list(runs["tags.classifier_cache"]) == ["trained", "hit"]
-    assert "loaded from cache" in second.stderr + second.stdout
+    assert_cache_hit(runs, second)
     first = runs.iloc[0]
     assert first["tags.choice.data"] == "cxr3" and first["params.data.crop_top"]
     for m in ("test_acc", "test_sens_COVID-19", "test_ppv_normal", "train_fr", "test_fr_label"):

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import cells
+from PIL import Image
 
 from pipeline import figures
 from pipeline.report import tables
+from pipeline.report.__main__ import main
 from pipeline.tracking import mlflow_key
 
 CLASSES = ["normal", "pneumonia", "COVID-19"]
@@ -39,8 +41,8 @@ def metrics(fr: float) -> dict:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Runs sharing model / attack / norm / zeta: the default config, `seed=7 recipe.epochs=3` (logged by an
-    older version: flat metric names, no model.name), and another model whose arch differs from its name."""
+    """Runs sharing model / attack / norm / zeta: the default config, `seed=7 recipe.epochs=3` (flat metric names,
+    no model.name, no image counts), and another model whose arch differs from its name."""
     root = tmp_path_factory.mktemp("report")
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     exp = mlflow.create_experiment("uap-cxr", artifact_location=(root / "artifacts").as_uri())
@@ -56,7 +58,7 @@ def store(tmp_path_factory):
         with mlflow.start_run(experiment_id=exp, run_name=name) as run:
             mlflow.log_params({**p, "paths.output_dir": f"/out/{i}"})  # differs in every run: never a column
             mlflow.set_tags({**tags, "choice.data": "phantom", "job_hash": f"job{i}"})
-            m = metrics(fr) if grouped else {k: v for k, v in metrics(fr).items() if not k.endswith("_n")}  # older
+            m = metrics(fr) if grouped else {k: v for k, v in metrics(fr).items() if not k.endswith("_n")}  # no counts
             mlflow.log_metrics({mlflow_key(k) if grouped else k: v for k, v in m.items()})
             if i == 0:
                 np.save(root / "uap.npy", np.random.default_rng(0).uniform(-0.05, 0.05, (64, 64)).astype(np.float32))
@@ -67,7 +69,6 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(store, tmp_path_factory):
-    from pipeline.report.__main__ import main
     root, ids = store
     out = tmp_path_factory.mktemp("out")
     # the store named as the jobs name it: a config override (paths.root_dir here, tracking.uri follows it)
@@ -94,7 +95,7 @@ def test_runs_of_one_cell_with_another_seed_get_rows_and_columns_of_their_own(re
     uap = [r for r in linf if r["model"] == "tiny" and r["perturbation"] == "UAP"]
     assert len(uap) == 2
     by_seed = {r["seed"]: r for r in uap}
-    # test's 95 % Wilson interval over its 300 images; none for the older run, which logged no image count
+    # test's 95 % Wilson interval over its 300 images; none for the run that logged no image count
     assert by_seed["42"]["zeta 2 %"] == "0.500 / 0.510 [0.45, 0.57]"
     assert by_seed["42"]["zeta 4 %"] == "0.700 / 0.710 [0.66, 0.76]"
     assert by_seed["7"]["zeta 2 %"] == "0.400 / 0.410" and by_seed["7"]["zeta 4 %"] == ""
@@ -123,10 +124,9 @@ def test_one_row_per_classifier_and_one_name_per_model(report):
 
 
 def test_report_figures_are_written_and_readable(report):
-    from PIL import Image
     out, _, _ = report
     assert (out / "fr_vs_zeta.png").stat().st_size > 0
-    w, h = Image.open(out / "uaps.png").size  # one UAP, with a colour bar (was 184 x 200 px)
+    w, h = Image.open(out / "uaps.png").size  # one UAP, with a colour bar
     assert w >= 300 and h >= 300
 
 

@@ -12,9 +12,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 # the row checked: the cheapest model of the grid (trains in ~2 min), the headline setting
 ROW = {"data": "cxr3", "attack": "SGDUAP", "target": "non-targeted", "norm": "linf", "zeta (%)": "2"}
-MODEL = {"tiny_effnet", "test_efficientnet"}  # the report names it by model.name; the doc's older text by the arch
+MODEL = {"tiny_effnet", "test_efficientnet"}  # the report names it by model.name; the doc may name it by the arch
 # the same job as in the original grid (`+sweep=cxr3_paper attack=sgd_uap attack.max_iter=3`), with that grid's
-# classifier recipe (before the class-balanced one: lr 3e-3, 30 epochs, best epoch on a validation split, plain loss)
+# classifier recipe (lr 3e-3, 30 epochs, best epoch on a validation split, plain loss: not cxr3's class-balanced one)
 ORIGINAL_RECIPE = ["recipe.lr=3e-3", "recipe.epochs=30", "data.val_fraction=0.1", "data.class_weights=null"]
 ARGS = ["data=cxr3", "model=tiny_effnet", "attack=sgd_uap", "attack.max_iter=3", "norm=linf", "zeta=2",
         "trainer.enable_progress_bar=false", *ORIGINAL_RECIPE]

@@ -11,13 +11,14 @@ import socket
 import subprocess
 import sys
 
+import mlflow
 import numpy as np
 import pytest
 from conftest import ROOT, mlflow_runs, run_cli
 from test_data import good_lines, write_set
 from test_reliability import start, wait_for
 
-from pipeline import tracking
+from pipeline import sweep, tracking
 
 QUICK = ["trainer=fast", "trainer.max_epochs=2", "data.n_train=120", "data.n_test=60"]
 SHORT_ATTACK = ["attack.max_iter=8", "attack.delta=0"]  # a few passes: the job is killed as its search starts
@@ -75,12 +76,9 @@ def test_a_job_killed_after_training_is_not_finished_and_the_resumed_sweep_redoe
 
 def test_a_finished_run_without_its_result_is_not_a_done_job(tmp_path):
     """Resume and the sweep summary count a job done only when its run holds the metrics the report reads."""
-    import mlflow
-
-    from pipeline import sweep
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = mlflow.create_experiment("e")
-    with mlflow.start_run(experiment_id=exp) as early:  # closed after training, as Lightning's logger once did
+    with mlflow.start_run(experiment_id=exp) as early:  # FINISHED with the classifier's metric only
         mlflow.set_tags({"job_hash": "j1", "sweep": "s", "task": "attack"})
         mlflow.log_metric("classifier/test_acc", 0.9)
     assert sweep.finished_run(exp, "j1", "s") is None
@@ -92,9 +90,6 @@ def test_a_finished_run_without_its_result_is_not_a_done_job(tmp_path):
 
 
 def test_a_run_left_running_by_a_dead_process_is_closed_killed(tmp_path):
-    import mlflow
-
-    from pipeline import sweep
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = mlflow.create_experiment("e")
     parent = mlflow.MlflowClient().create_run(exp).info.run_id
@@ -124,7 +119,6 @@ def test_a_new_store_beside_an_old_classifier_cache_logs_the_classifier_anew(tra
     assert "not in this store: logging it again" in again.stdout + again.stderr
     run = mlflow_runs(tmp_path).iloc[0]
     assert run["status"] == "FINISHED" and run["tags.classifier_cache"] == "hit"
-    import mlflow
     assert mlflow.MlflowClient().get_logged_model(run["tags.classifier_model"].split("/")[-1]) is not None
     entry = next((tmp_path / "outputs" / "cache" / "classifiers").iterdir())
     links = json.loads((entry / "mlflow.json").read_text())

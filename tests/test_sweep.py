@@ -1,12 +1,15 @@
 """Sweeps: parent and child runs in MLflow, one classifier per sweep, resume, failures, joblib, the report."""
 import csv
 
+import mlflow
 import pytest
-from conftest import cells, mlflow_runs, run_cli
+from conftest import cells, make_cfg, mlflow_runs, run_cli
 
+from pipeline import identity, sweep
 from pipeline.eval.metrics import wilson
+from pipeline.report.__main__ import main
 
-STEP2 = ["metrics.test_fr", "metrics.train_fr", "metrics.test_fr_random", "metrics.uap_norm", "metrics.eps"]
+RESULT_COLUMNS = ["metrics.test_fr", "metrics.train_fr", "metrics.test_fr_random", "metrics.uap_norm", "metrics.eps"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def test_smoke_sweep_has_one_parent_and_four_finished_children(smoke):
     assert set(kids["tags.sweep"]) == {"smoke"}
     assert sorted(zip(kids["params.attack.norm"], kids["params.attack.zeta"].astype(float))) == [
         ("l2", 2.0), ("l2", 4.0), ("linf", 2.0), ("linf", 4.0)]
-    for col in STEP2:
+    for col in RESULT_COLUMNS:
         assert kids[col].notna().all(), col
     assert all("norm=" in o and "zeta=" in o for o in kids["tags.overrides"])
 
@@ -49,7 +52,6 @@ def test_rerunning_the_sweep_adds_no_run(smoke):
 
 
 def test_parent_run_gets_the_sweep_config_and_a_summary(smoke):
-    import mlflow
     _, runs, _, _ = smoke
     parent = runs[runs["tags.role"] == "parent"].iloc[0]
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(parent["run_id"])}
@@ -90,7 +92,6 @@ def test_a_failing_job_is_failed_the_others_finish_and_the_sweep_exits_1(smoke):
 def test_report_tables_equal_the_logged_metrics(smoke, tmp_path):
     root, runs, _, _ = smoke
     out = tmp_path / "report"
-    from pipeline.report.__main__ import main
     parent = runs[runs["tags.role"] == "parent"].iloc[0]["run_id"]
     assert main(["--tracking-uri", f"sqlite:///{root}/mlflow.db", "--sweep", parent, "--out", str(out)]) == 0
     for f in ("results.csv", "results.md", "fr_vs_zeta.png", "uaps.png"):
@@ -136,10 +137,6 @@ def test_report_tables_equal_the_logged_metrics(smoke, tmp_path):
 def test_resume_is_scoped_to_the_sweep_and_to_the_code_version(tmp_path, monkeypatch):
     """A job done in another sweep (or outside any) is not taken as done: the sweep's report must find all of
     its jobs; and a classifier cache version bump changes every job's identity (old runs are not reused)."""
-    import mlflow
-    from conftest import make_cfg
-
-    from pipeline import identity, sweep
     cfg = make_cfg(["zeta=2"], tmp_path)
     jhash = identity.job_hash(cfg)
     assert identity.job_hash(make_cfg(["zeta=2.0", "sweep_name=other"], tmp_path)) == jhash  # same job, any sweep

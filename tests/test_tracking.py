@@ -35,7 +35,7 @@ def test_metric_names_are_grouped_for_mlflow_and_read_back_flat():
 def test_the_experiment_opens_on_its_runs_table_in_new_and_existing_stores(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    old = mlflow.create_experiment("uap-cxr")  # made by an older version: no tags
+    old = mlflow.create_experiment("uap-cxr")  # an existing experiment without tags
     mlflow.MlflowClient().set_experiment_tag(old, "mlflow.note.content", "my own note")
     cfg = OmegaConf.create({"uri": uri, "experiment": "uap-cxr", "artifact_root": None})
     assert tracking.setup(cfg) == old
