@@ -11,14 +11,12 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import timm
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -26,35 +24,12 @@ from omegaconf import DictConfig
 
 from pipeline import files, precision, progress
 from pipeline.cache import Cache
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError
 from pipeline.eval.metrics import accuracy, class_metrics
 from pipeline.identity import classifier_identity, classifier_key
+from pipeline.nets import build_net
 
 log = logging.getLogger(__name__)
-
-def build_net(arch: str, num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
-              extra: dict | None = None) -> torch.nn.Module:
-    """timm.create_model with 3 input channels; pretrained weights only from local files (no network)."""
-    kw = dict(num_classes=num_classes, in_chans=3, **(extra or {}))
-    if arch not in timm.list_models() and arch not in timm.list_models(pretrained=True):
-        raise ConfigError(f"model.arch={arch!r} is not a timm model (see timm.list_models())")
-    if not pretrained:
-        return timm.create_model(arch, pretrained=False, **kw)
-    if pretrained_path:
-        path = Path(pretrained_path).expanduser()
-        if not path.is_file():
-            raise UserError(f"model.pretrained_path={pretrained_path}: file not found "
-                            f"(expected local weights for {arch})")
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach out: weights must already be cached
-    try:
-        return timm.create_model(arch, pretrained=True, **kw)
-    except Exception as e:  # noqa: BLE001 - timm raises many kinds when weights are absent
-        raise UserError(
-            f"pretrained weights for {arch!r} are not available on this machine ({type(e).__name__}: {str(e)[:200]}). "
-            f"Put them in the Hugging Face / torch hub cache, or set model.pretrained_path=/path/to/weights, "
-            f"or use model.pretrained=false") from None
-
 
 class Classifier(pl.LightningModule):
     """timm network + cross-entropy training; logs accuracy and per-class sensitivity / PPV."""

@@ -36,7 +36,6 @@ from pipeline.attack.initializer import Zeros
 from pipeline.attack.norms import check_norm, lp_norms, project, random_uap, zeta_to_eps
 from pipeline.data import augment_batch
 from pipeline.errors import ConfigError, instantiate
-from pipeline.eval.predictions import eval_batch
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,7 @@ class UAP(pl.LightningModule):
     def on_train_start(self):
         if self.start == 0:
             # a fixed-order loader for whole-set predictions (leaves the shuffling generator untouched)
-            self.eval_loader = DataLoader(self.dataset, batch_size=eval_batch(self.device))
+            self.eval_loader = DataLoader(self.dataset, batch_size=precision.eval_batch(self.device))
             self.clean_pred = self.predict_all(None)
             self.clock = progress.Stopwatch()
             for i, c in enumerate(self.candidates):

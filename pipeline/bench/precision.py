@@ -12,9 +12,9 @@ from pipeline import precision
 from pipeline.attack import new_attack
 from pipeline.attack.build import make_uap
 from pipeline.bench.setup import attack_config, load_setup, setup_overrides, sync
-from pipeline.classifier import build_net
 from pipeline.eval.metrics import fooling_rate, wilson
 from pipeline.eval.predictions import predict
+from pipeline.nets import build_net
 from pipeline.tasks.transfer import model_config
 
 log = logging.getLogger("pipeline.bench")

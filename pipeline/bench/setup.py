@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning
+import timm
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -20,7 +21,8 @@ from pipeline import precision
 from pipeline.classifier import train_or_load
 from pipeline.config import compose
 from pipeline.eval.metrics import attack_rate
-from pipeline.eval.predictions import eval_batch, predict
+from pipeline.eval.predictions import predict
+from pipeline.precision import eval_batch
 
 log = logging.getLogger("pipeline.bench")
 
@@ -153,24 +155,14 @@ def eval_throughput(net, ds, eps, device) -> float:
     return best_raw / best_eval
 
 
-# the precision table: (model config, image size, batch); `--quick`: the first, small
-
-
 def versions() -> str:
-    import art  # the bench extra, as in pipeline.bench.art
-    import timm
+    import art  # the bench extra (pip install -e '.[bench]'), as in pipeline.bench.art
     return (f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
             f"lightning {pytorch_lightning.__version__}, adversarial-robustness-toolbox {art.__version__}")
 
 
 def machine(device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    desc = f"{precision.cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     if str(device).startswith("cuda"):
         desc += f", GPU {torch.cuda.get_device_name(0)}"
     return desc

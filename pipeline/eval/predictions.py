@@ -5,7 +5,6 @@ process (one classifier, many UAPs) predict them once, memoised by a digest of t
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 
 import torch
@@ -13,16 +12,8 @@ import torch.nn as nn
 
 from pipeline import precision
 from pipeline.data import GrayDataset, to_float3
-
-# inputs per forward pass in evaluation: CPU convolutions run fastest on small batches (measured on this 2-core
-# machine at 128 px, batches of 32 vs 128: mobilenetv3_large_100 1.8x, test_resnet 1.6x, resnet18 1.2x the
-# images per second), GPUs on large ones
-EVAL_BATCH = {"cpu": 32, "cuda": 256}
-
-
-def eval_batch(device: torch.device | str) -> int:
-    return EVAL_BATCH.get(torch.device(device).type, 128)
-
+from pipeline.identity import digest, tensors_digest
+from pipeline.precision import eval_batch
 
 CLEAN: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> clean predictions, the newest few
 CLEAN_KEPT = 16
@@ -30,11 +21,9 @@ CLEAN_KEPT = 16
 
 def clean_key(net: nn.Module, images: torch.Tensor, mode, recheck: float) -> str:
     """What the clean predictions depend on: the weights (and buffers), the images, the precision mode."""
-    h = hashlib.sha256(f"{type(net).__name__}|{mode}|{recheck}|{tuple(images.shape)}".encode())
-    for t in (*net.state_dict().values(), images):
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if t.dtype != torch.bool else t.cpu().numpy().tobytes())
-    return h.hexdigest()
+    return digest({"net": type(net).__name__, "weights": tensors_digest(net.state_dict().values()),
+                   "images": tensors_digest([images]), "shape": list(images.shape), "mode": str(mode),
+                   "recheck": recheck})
 
 
 @torch.no_grad()
