@@ -139,10 +139,13 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
         model_id = None
         if cfg.tracking.get("log_model", True):  # the classifier as an MLflow model, this run linked to it
             model_id = tracking.log_classifier(model, Path(meta["path"]).parent, not meta["cache_hit"])["model_id"]
-        job = Job(cfg, dm, model, out, device, mlrun.info.run_id, classifier_metrics(model, dm, out, device))
+        clean, made = classifier_metrics(model, dm, out, device)
+        job = Job(cfg, dm, model, out, device, mlrun.info.run_id, clean)
         if not meta["cache_hit"]:  # trained in this job (the report's time table counts each training once)
             job.metrics["classifier_train_seconds"] = float(meta["train_seconds"])
         tracking.log_metrics(job.metrics)  # logged now: an interrupted attack keeps them
+        for f in made:
+            tracking.log_artifact(f)
         try:
             yield job
         except BaseException as e:  # a later step failed or was interrupted: what the earlier ones made is logged

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import figures, files, tracking
+from pipeline import figures, files
 from pipeline.attack import lp_norms, random_control
 from pipeline.attack.build import build_attack, input_set, load_saved_uap, make_uap
 from pipeline.data import CXRDataModule
@@ -29,9 +29,10 @@ class Results:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
-def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str, float]:
-    """Clean accuracy and per-class sensitivity / PPV on val and test; the test confusion matrix as PNG."""
-    metrics = {}
+def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> tuple[dict[str, float], list[Path]]:
+    """Clean accuracy and per-class sensitivity / PPV on val and test; the test confusion matrix as PNG (the
+    files made, for the job to log)."""
+    metrics, made = {}, []
     for split in ("val", "test"):
         ds = dm.dataset(split)
         if len(ds) == 0:
@@ -42,10 +43,10 @@ def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> dict[str,
         metrics.update(class_metrics(split, ds.labels, pred, dm.classes))
         if split == "test":
             conf = confusion(ds.labels, pred, dm.num_classes)
-            tracking.log_artifact(figures.plot_confusion(conf, dm.classes, out / "confusion_classifier.png",
-                                                       f"{getattr(model, 'name', 'classifier')}, test, clean "
-                                                       f"(acc {metrics['test_acc']:.3f})"))
-    return metrics
+            made.append(figures.plot_confusion(conf, dm.classes, out / "confusion_classifier.png",
+                                               f"{getattr(model, 'name', 'classifier')}, test, clean "
+                                               f"(acc {metrics['test_acc']:.3f})"))
+    return metrics, made
 
 
 def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> Results:
