@@ -10,6 +10,8 @@ import signal
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -20,8 +22,6 @@ log = logging.getLogger("pipeline")
 
 
 def is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
     try:
         return HydraConfig.get().mode == RunMode.MULTIRUN
     except ValueError:
@@ -39,7 +39,7 @@ def guarded(task, cfg: DictConfig):
         except UserError:
             raise
         except Exception as e:  # a full disk or a locked store wherever it struck: one line too
-            from pipeline import files, tracking
+            from pipeline import files, tracking  # after Hydra has parsed the command line (module docstring)
             if files.is_disk_full(e):
                 raise files.write_error(cfg.paths.root_dir, e) from None
             if tracking.is_busy(e):
@@ -71,13 +71,13 @@ def guarded(task, cfg: DictConfig):
 
 
 def record(status: str, error: str = "") -> None:
-    from pipeline.sweep import record_job
+    from pipeline.sweep import record_job  # after Hydra has parsed the command line (module docstring)
     record_job(status, error)
 
 
 def in_worker() -> bool:
     """This process runs jobs for a sweep launched by another process (joblib workers, submitit jobs)."""
-    from pipeline.sweep import LAUNCHER_ENV, launcher
+    from pipeline.sweep import LAUNCHER_ENV, launcher  # after Hydra has parsed the command line (module docstring)
     return os.environ.get(LAUNCHER_ENV, launcher()) != launcher()
 
 
@@ -88,7 +88,7 @@ def interrupt_on_sigterm() -> None:
         return
 
     def handler(signum, frame):
-        from pipeline.sweep import State
+        from pipeline.sweep import State  # after Hydra has parsed the command line (module docstring)
         State.signal = signum
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, handler)
@@ -96,13 +96,13 @@ def interrupt_on_sigterm() -> None:
 
 def main(cfg: DictConfig) -> float | None:
     """One Hydra job: the task `cfg.task` (pipeline/tasks/)."""
-    from pipeline.progress import quiet_libraries
+    from pipeline.progress import quiet_libraries  # after Hydra has parsed the command line (module docstring)
     from pipeline.tasks import run  # heavy imports after Hydra has parsed the command line
 
     quiet_libraries()
     interrupt_on_sigterm()
     if is_multirun():  # jobs side by side on this machine: each its share of the cores
-        from pipeline.sweep import set_job_threads
+        from pipeline.sweep import set_job_threads  # after Hydra has parsed the command line (module docstring)
         set_job_threads()
     metrics = guarded(run, cfg)
     return None if metrics is None else metrics.get("test_fr", metrics.get("test_acc"))
@@ -111,7 +111,7 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     """`python -m pipeline` (conf/config.yaml). A sweep exits 1 when a job did not finish (listed at its end),
     128 + signal when interrupted."""
-    from pipeline import sweep
+    from pipeline import sweep  # after Hydra has parsed the command line (module docstring)
     try:
         hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(main)()
     except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns an interruption into SystemExit(1)

@@ -1,15 +1,15 @@
 """`python -m pipeline.bench` (`make bench`): UAP generation side by side with ART, in one process.
 
-Same frozen classifier (from the classifier cache: a small timm model at 128 px trained on ../shared/data/cxr3
-when present, else on phantom data), same input set, same norm / eps / FGSM step / delta / max_iter and
+Same frozen classifier (from the classifier cache: a small timm model at 128 px trained on cxr3, conf/data/cxr3.yaml's
+root, when present, else on phantom data), same input set, same norm / eps / FGSM step / delta / max_iter and
 seed for every row:
 
 - ART UniversalPerturbation / TargetedUniversalPerturbation with the FGSM attacker (the authors' tool);
-- our fgsm_uap faithful mode, batched mode, and sgd_uap;
+- our rows (pipeline.bench.art.ROWS): fgsm_uap faithful and batched (one and two step scales), sgd_uap, strong_uap;
 - the floor: one batched forward+backward pass over the input set, times the passes each row used.
 
-After every pass the exact input-set fooling rate is recorded (for our rows outside the clock), which
-gives the time at which each of our rows first reached ART's final fooling rate.
+After every pass the exact input-set fooling rate is recorded (for our rows beside the clock, pipeline.bench.trace),
+which gives the time at which each of our rows first reached ART's final fooling rate.
 
     python -m pipeline.bench                  # 256 images, the full comparison (minutes on a CPU)
     python -m pipeline.bench --quick          # a few dozen images, 2 passes (the test uses this)
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import files
 from pipeline.bench.art import bench, fmt_table, speedup_line
 from pipeline.bench.precision import precision_check, precision_speedup, precision_table
 from pipeline.bench.setup import ROOT, machine, versions
@@ -143,7 +144,7 @@ def write_doc(path: Path, cmd: str, text: str) -> None:
         doc = doc[:start] + body + doc[end:]
     else:
         doc += "\n" + body
-    path.write_text(doc)
+    files.write_text(path, doc)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pipeline.bench.setup import (
 )
 from pipeline.bench.trace import RateTrace
 from pipeline.eval.predictions import predict
+from pipeline.markdown import md_table
 
 log = logging.getLogger("pipeline.bench")
 
@@ -136,16 +137,16 @@ def bench(args) -> tuple[list[Row], dict]:
 def fmt_table(rows: list[Row], floor: float, n: int) -> str:
     head = ["method", "seconds", "passes", "images/s", "s per pass / floor", "FR input", "FR test",
             "UAP norm / eps", "peak RSS (MB)", "reached ART's input FR at (s)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         per_pass = r.seconds / max(r.passes, 1)
         reach = "(ART itself)" if r.name.startswith("ART") else ("never" if r.reach is None else f"{r.reach:.1f}")
-        lines.append(f"| {r.name} | {r.seconds:.1f} | {r.passes} | {n * max(r.passes, 1) / r.seconds:.0f} | "
-                     f"{per_pass / floor:.2f} | {r.fr_input:.3f} | {r.fr_test:.3f} | {r.norm_ratio:.4f} | "
-                     f"{r.rss_mb:.0f} | {reach} |")
-    lines.append(f"| floor (1 batched fwd+bwd pass) x passes | {floor:.2f} per pass | | {n / floor:.0f} | 1.00 "
-                 "| | | | | |")
-    return "\n".join(lines)
+        cells.append([r.name, f"{r.seconds:.1f}", str(r.passes), f"{n * max(r.passes, 1) / r.seconds:.0f}",
+                      f"{per_pass / floor:.2f}", f"{r.fr_input:.3f}", f"{r.fr_test:.3f}", f"{r.norm_ratio:.4f}",
+                      f"{r.rss_mb:.0f}", reach])
+    cells.append(["floor (1 batched fwd+bwd pass) x passes", f"{floor:.2f} per pass", "", f"{n / floor:.0f}", "1.00",
+                  "", "", "", "", ""])
+    return md_table(head, cells).rstrip("\n")
 
 
 def speedup_line(rows: list[Row]) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -12,11 +11,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from pipeline import CONF
+from pipeline import CONF, files
 from pipeline.attack.build import make_uap
 from pipeline.bench.setup import ROOT, compose_config, fr_of, load_setup, setup_overrides
 from pipeline.eval.predictions import predict
-from pipeline.report.tables import md_table
+from pipeline.markdown import md_table
 
 log = logging.getLogger("pipeline.bench")
 
@@ -62,9 +61,7 @@ def study(args) -> tuple[str, list[dict]]:
         log.warning("study: %-45s input %.3f test %.3f %6.1f s", name, row["fr_input"], row["fr_test"], seconds)
         done[name] = row
         record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(done, indent=1))
-        os.replace(tmp, record)  # a row, once measured, survives an interrupted study
+        files.write_json(record, done, indent=1)  # written whole: a row, once measured, survives an interruption
     rows = [done[name] for name, _ in rows_of if name in done]
     head = ["method", "overrides", "seconds", "passes", f"{'TSR' if args.targeted else 'FR'} input",
             f"{'TSR' if args.targeted else 'FR'} test", "returned"]

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from pipeline.eval.metrics import wilson  # noqa: E402
 from pipeline.report.tables import TARGET_ORDER, group_key, group_label, headline  # noqa: E402
@@ -107,7 +108,6 @@ def plot_uaps(rows: list[dict], out: Path, zeta: float) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     # noise does not compress: a 256-colour palette keeps the file small (the colour map has 256 levels anyway)
-    from PIL import Image
     Image.open(path).convert("RGB").quantize(colors=256).save(path, optimize=True)
     return path
 

@@ -1,5 +1,5 @@
 """Tables: markdown (the report's, the sweep summary's, the benchmarks'), and the report's results.csv /
-results.md built from its rows (one dict per run, pipeline.report.row_of).
+results.md built from its rows (one dict per run, pipeline.report.__main__.row_of).
 
 Runs of different configs can share model / attack / target / norm / zeta (a default run, one with
 `seed=7 recipe.epochs=3`, a sweep): `assign_groups` finds the config params that tell them apart, every table
@@ -14,12 +14,7 @@ from pathlib import Path
 
 from pipeline.eval.metrics import wilson
 from pipeline.identity import is_display, read_by
-
-
-def md_table(head: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
-
+from pipeline.markdown import md_table
 
 COLUMNS = ["data", "model", "attack", "target", "norm", "zeta", "eps", "metric", "train", "train_random",
            "test", "test_random", "test_acc_clean", "passes", "seconds", "run_id", "run_name", "model_arch",

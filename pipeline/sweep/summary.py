@@ -3,8 +3,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking
-from pipeline.report.tables import md_table
+from pipeline import files, tracking
+from pipeline.markdown import md_table
 from pipeline.sweep.jobs import DONE
 
 log = logging.getLogger(__name__)
@@ -57,5 +57,4 @@ def headline(rows: list[dict]) -> dict[str, float]:
 def write_summary(rows: list[dict], path: Path) -> Path:
     cols = ["overrides", "status", *[m for m in SUMMARY_METRICS if any(m in r for r in rows)], "run_id"]
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    path.write_text(md_table(cols, [[fmt(r.get(c)) for c in cols] for r in rows]))
-    return path
+    return files.write_text(path, md_table(cols, [[fmt(r.get(c)) for c in cols] for r in rows]))
