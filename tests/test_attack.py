@@ -19,6 +19,7 @@ from pipeline.attack.step import FGSM, Optimizer
 from pipeline.attack.stopper import Stopper
 from pipeline.bench.art import run_art, run_ours
 from pipeline.bench.study import parse_rows
+from pipeline.bench.trace import RateTrace
 from pipeline.errors import ConfigError
 from pipeline.eval.metrics import fooling_rate, success_rate
 from pipeline.eval.predictions import predict
@@ -244,6 +245,19 @@ def test_a_search_can_begin_at_its_best_candidate(phantom_model):
     assert atk.exact_rate(v) >= 0.5
     plain = make_attack(model, dm, "fgsm_uap_faithful", *still)
     assert fit(plain, dm, candidates=[strong]).abs().max() == 0  # by default the first start is the initializer's
+
+
+def test_the_bench_trace_measures_beside_the_search_not_inside_it(phantom_model):
+    _, dm, model = phantom_model
+    atk = make_attack(model, dm, "sgd_uap", "attack.max_iter=2", "attack.delta=0")
+    trace = RateTrace(every=5)
+    v = fit(atk, dm, callbacks=[trace])
+    steps = math.ceil(len(dm.dataset("train")) / atk.batch_size)
+    assert len(trace.points) == 2 * (steps // 5 + 1)  # every 5 steps, and after each pass
+    times = [t for t, _ in trace.points]
+    assert times == sorted(times) and times[-1] == atk.history[-1]["seconds"]
+    assert trace.points[-1][1] == atk.exact_rate(v)  # the last iterate, returned (keep: last)
+    assert atk.clock.off > 0  # its measuring paused the search's clock
 
 
 def test_restarts_run_from_other_points_and_keep_the_best(phantom_model):
