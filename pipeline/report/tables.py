@@ -1,5 +1,5 @@
-"""Tables: markdown (the report's, the sweep summary's, the benchmarks'), and the report's results.csv /
-results.md built from its rows (one dict per run, pipeline.report.__main__.row_of).
+"""The report's tables: results.csv and results.md (markdown, pipeline.markdown) built from its rows (one
+dict per run, pipeline.report.__main__.row_of).
 
 Runs of different configs can share model / attack / target / norm / zeta (a default run, one with
 `seed=7 recipe.epochs=3`, a sweep): `assign_groups` finds the config params that tell them apart, every table
