@@ -18,8 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import precision
-from pipeline.data import data_fingerprint
-from pipeline.errors import UserError
+from pipeline.errors import UserError, instantiate
 
 # Display keys: they change where results go or how a run looks, never what it computes.
 DISPLAY_GROUPS = {"paths", "tracking", "hydra"}  # files and folders, the MLflow store, Hydra's launcher and run dirs
@@ -73,6 +72,24 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def bytes_digest(parts: list[bytes]) -> str:
+    """16 hex digits of the SHA-256 of byte strings, each prefixed by its length (a data set's listing and
+    contents: pipeline.data)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> bytes:
+    """The SHA-256 of a file's bytes (an image of a data set), read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
+
+
 def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
     """16 hex digits of the SHA-256 of these tensors' bytes (a classifier's weights, an input set)."""
     h = hashlib.sha256()
@@ -93,7 +110,7 @@ def data_key(cfg: DictConfig, dm=None) -> str:
     with its own error."""
     memo = Path(cfg.paths.cache_dir) / "data_fingerprints.json" if OmegaConf.select(cfg, "paths.cache_dir") else None
     try:
-        return dm.fingerprint(memo) if dm is not None else data_fingerprint(cfg.data, memo)
+        return (dm if dm is not None else instantiate(cfg.data)).fingerprint(memo)
     except UserError:
         return "unreadable"
 

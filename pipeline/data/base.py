@@ -7,7 +7,6 @@ the grayscale channel replicated to 3 channels, no normalisation (the paper's pr
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline import files
 from pipeline.errors import ConfigError, DataError, StorageError, instantiate
+from pipeline.identity import bytes_digest
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,9 @@ class CXRDataModule(pl.LightningDataModule):
         listing it does not know (a fresh copy, a touched file) is read and hashed again."""
         if self._fingerprint is None:
             listing = self.listing_parts()
-            key = digest(listing) if listing is not None else None
+            key = bytes_digest(listing) if listing is not None else None
             known = read_memo(memo) if memo and key else {}
-            self._fingerprint = known.get(key) or digest(self.fingerprint_parts())
+            self._fingerprint = known.get(key) or bytes_digest(self.fingerprint_parts())
             if memo and key and known.get(key) != self._fingerprint:
                 write_memo(memo, {**known, key: self._fingerprint})
         return self._fingerprint
@@ -219,21 +219,6 @@ class CXRDataModule(pl.LightningDataModule):
             x, y = batch
             batch = (augment_batch(x, **self.augment), y)
         return batch
-
-
-def digest(parts: list[bytes]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little") + part)
-    return h.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.digest()
 
 
 MEMO_ENTRIES = 64  # listings a fingerprint memo keeps (the latest)

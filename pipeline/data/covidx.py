@@ -21,10 +21,10 @@ from pipeline.data.base import (
     DEFAULT_MAX_PIXELS,
     CXRDataModule,
     GrayDataset,
-    file_sha256,
     warn_overlap,
 )
 from pipeline.errors import ConfigError, DataError
+from pipeline.identity import file_sha256
 
 log = logging.getLogger(__name__)
 

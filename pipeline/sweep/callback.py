@@ -1,6 +1,5 @@
 """The Hydra callback of a multirun (conf/hydra/default.yaml): the parent MLflow run it opens (or resumes), the
 summary it logs, and the end-of-sweep block of jobs that did not finish."""
-import hashlib
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import files, tracking
 from pipeline.errors import UserError
+from pipeline.identity import digest
 from pipeline.sweep.jobs import DONE, LAUNCHER_ENV, PARENT_ENV, SIZE_ENV, failure_block, job_outcomes, launcher
 from pipeline.sweep.processes import State, register, stop_on_signal, sweep_lock
 from pipeline.sweep.summary import headline, summary_rows, write_summary
@@ -35,8 +35,7 @@ class MLflowParentRun(Callback):
         overrides = list(config.hydra.overrides.task)
         params = config.hydra.sweeper.get("params")  # None for an ad-hoc sweep (`zeta=1,2 -m`, no +sweep=)
         sweep_params = OmegaConf.to_container(params, resolve=False) if params else {}
-        shash = hashlib.sha256(json.dumps([State.name, sorted(overrides), sweep_params], sort_keys=True,
-                                          default=str).encode()).hexdigest()[:16]
+        shash = digest([State.name, sorted(overrides), sweep_params])
         State.lock, State.registry = sweep_lock(config.paths.cache_dir, shash)
         with State.lock:
             State.run_id = self.open_parent(config, shash, overrides, sweep_params)
