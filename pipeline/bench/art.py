@@ -32,7 +32,7 @@ log = logging.getLogger("pipeline.bench")
 # (the row's overrides come last: strong_uap keeps its own passes per start and delta)
 ROWS = [("fgsm_uap faithful", ["attack=fgsm_uap_faithful"]),
         ("fgsm_uap batched", ["attack=fgsm_uap"]),
-        ("fgsm_uap batched, 2 candidates (original)", ["attack=fgsm_uap", "attack.step_rule.scales=[8.0,1.0]",
+        ("fgsm_uap batched, 2 candidates per batch", ["attack=fgsm_uap", "attack.step_rule.scales=[8.0,1.0]",
                                                     "attack.step_rule.adaptive=false"]),
         ("sgd_uap", ["attack=sgd_uap"]),
         ("strong_uap", ["attack=strong_uap", "attack.max_iter=3", "attack.delta=0.0"])]
