@@ -21,10 +21,16 @@ from pipeline.errors import ConfigError, UserError, instantiate
 from pipeline.identity import classifier_key, job_hash
 
 
+def interruptible() -> None:
+    """In the child: Ctrl-C as on a terminal. A test run started in the background (`make test &`, nohup)
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args, root):
     env = {**os.environ, "UAP_CXR_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=interruptible)
 
 
 def wait_for(proc, text, timeout=180):
@@ -48,7 +54,7 @@ def test_interrupted_run_is_killed_and_keeps_what_was_logged(tmp_path, sig, when
     wait_for(proc, when)
     time.sleep(2)
     proc.send_signal(sig)
-    proc.communicate(timeout=300)  # it stops within seconds; a loaded machine may take longer to close the run
+    proc.communicate(timeout=300)  # it stops within seconds; a loaded machine takes longer to close the run
     assert proc.returncode != 0
     run = mlflow_runs(tmp_path).iloc[0]
     assert run["status"] == "KILLED" and "interrupted" in run["tags.error"]
