@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from pipeline import CONF
 from pipeline.attack import new_attack
 from pipeline.data import MAX_IMAGE_SIZE
+from pipeline.data.proxy import SOURCES, folder_files
 from pipeline.errors import ConfigError
 from pipeline.precision import parse
 
@@ -53,6 +54,15 @@ def validate(cfg: DictConfig) -> None:
                           f" (train+val)")
     if a.input_limit is not None and (not isinstance(a.input_limit, int) or a.input_limit < 1):
         raise ConfigError(f"attack.input_limit={a.input_limit}: expected null or an integer >= 1")
+    source = a.get("input_source") or "train"
+    if source not in SOURCES:
+        raise ConfigError(f"attack.input_source={source!r}: expected one of {list(SOURCES)}")
+    if source == "folder":
+        folder_files(a.get("input_root"))  # a missing or empty folder, named now
+    if a.get("black_box") and ws:
+        raise ConfigError("attack.warm_start: its candidates are white-box UAPs, which attack.black_box=true "
+                          "cannot make; set attack.warm_start=null (a surrogate's UAP can start the search: "
+                          "attack/initializer=from_file)")
     # every attack key, the parts' too, checked by the classes that use them (whatever the task: one schema)
     new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
     if cfg.get("defense"):

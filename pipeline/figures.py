@@ -134,3 +134,19 @@ def plot_matrix(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], pa
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path)
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, ylabel: str,
+                logx: bool = False) -> Path:
+    """One line per named curve of (x, y) points."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

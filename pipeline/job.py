@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pipeline import files, precision, sweep, tracking
-from pipeline.attack.build import load_saved_uap
+from pipeline.attack.build import check_queries, load_saved_uap
 from pipeline.classifier import Classifier, load_classifier_file, train_or_load
 from pipeline.config import validate
 from pipeline.data import CXRDataModule
@@ -131,6 +131,7 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
         dm.setup()
         if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
+        check_queries(cfg, dm)  # so does a query budget below one pass over the input set
         model, meta = loaded or train_or_load(cfg, dm, callbacks=[tracking.TrainingCurves()])
         tracking.set_tags({"classifier_cache": meta.get("source") or ("hit" if meta["cache_hit"] else "trained"),
                            "classifier_path": meta["path"]})
@@ -207,7 +208,8 @@ def summary(cfg: DictConfig, m: dict, classes, modes: dict | None = None) -> str
         targeted = a.target is not None
         kind = f"targeted -> {a.target}" if targeted else "non-targeted"
         lines.append(f"UAP {a.name} {kind}, {a.norm}, zeta={a.zeta}% (eps={m['eps']:.4g}, "
-                     f"norm {m['uap_norm']:.4g}), {m['uap_passes']} passes in {m['uap_seconds']:.1f} s")
+                     f"norm {m['uap_norm']:.4g}), {m['uap_passes']} passes, {m.get('uap_queries', 0):.0f} queries in "
+                     f"{m['uap_seconds']:.1f} s")
         key = "tsr" if targeted else "fr"
         lines.append(f"{'split':<6} {'n':>5} {'acc clean':>9} {'acc UAP':>8} {key.upper() + ' UAP':>8} "
                      f"{'(95% interval)':>15} {key.upper() + ' random':>11}")

@@ -270,11 +270,12 @@ def device_for(cfg) -> torch.device:
 
 
 def loop_batches(cfg) -> dict[str, int]:
-    """The batch each loop runs at: data.batch_size (training), attack.batch_size (1 with per_image), the
+    """The batch each loop runs at: data.batch_size (training), attack.batch_size (1 with per_image; the
+    evaluation's when it is null, the whole input set), the
     evaluation's (eval_batch) split over the three stacked inputs of an evaluation."""
     a = cfg.attack
     return {"train": int(cfg.data.batch_size),
-            "attack": 1 if a.get("per_image") else int(a.get("batch_size", 32)),
+            "attack": 1 if a.get("per_image") else int(a.get("batch_size") or eval_batch(device_for(cfg))),
             "eval": eval_batch(device_for(cfg))}
 
 

@@ -344,8 +344,10 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
 # metrics.json use flat names (`test_fr`); MLflow gets grouped ones (`test/fr`); `flat_metrics` reads both
 # back as flat names, so stores written before the grouping still report.
 UAP_KEYS = {"eps": "eps", "zeta": "zeta", "uap_norm": "norm", "random_norm": "random_norm",
-            "uap_seconds": "seconds", "uap_passes": "passes", "input_fr": "input_fr", "input_tsr": "input_tsr",
-            "uap_pass_input_fr": "pass_input_fr"}  # the input-set FR after each pass of the search (a curve)
+            "uap_seconds": "seconds", "uap_passes": "passes", "uap_queries": "queries",  # images sent to the victim
+            "input_fr": "input_fr", "input_tsr": "input_tsr",
+            "uap_pass_input_fr": "pass_input_fr",  # the input-set FR after each pass of the search (a curve)
+            "uap_pass_queries": "pass_queries"}  # the queries used by the end of each pass (a curve)
 CLASSIFIER = re.compile(r"(val|test)_(acc|n|sens_.+|ppv_.+)")  # the classifier's own (the attack's: test_clean_sens_..)
 
 

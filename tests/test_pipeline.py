@@ -13,7 +13,7 @@ ARTIFACTS = {"uap.npy", "uap.png", "examples.png", "confusion_clean.png", "confu
              "confusion_random.png", "confusion_classifier.png", "metrics.json", "hydra"}
 METRICS = [f"{s}_{m}" for s in ("train", "test") for m in
            ("acc_clean", "acc_uap", "acc_random", "fr", "fr_label", "fr_random")] + [
-    "uap_norm", "uap_seconds", "uap_passes", "eps", "test_acc", "val_acc"]
+    "uap_norm", "uap_seconds", "uap_passes", "uap_queries", "eps", "test_acc", "val_acc"]
 
 
 def artifacts(run_id):

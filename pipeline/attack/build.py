@@ -29,14 +29,28 @@ from pipeline.attack import UAP, new_attack, zeta_to_eps
 from pipeline.attack.initializer import check_budget, load_uap_file
 from pipeline.cache import Cache
 from pipeline.data import CXRDataModule, GrayDataset
+from pipeline.data.proxy import proxy_set
 from pipeline.errors import ConfigError
 from pipeline.identity import uap_key
 
 log = logging.getLogger(__name__)
 
 def input_set(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
-    """The UAP's input set: `attack.input_split` (a split, or splits joined by '+', e.g. train+val), or a
-    seeded choice of `attack.input_limit` of its images."""
+    """The UAP's input set: the victim's own images (`own_images`), or with `attack.input_source` another
+    source's (pipeline/data/proxy.py: folder, natural, noise), as many as `attack.input_limit` or the
+    victim's input split."""
+    own = own_images(cfg, dm)
+    source = cfg.attack.get("input_source") or "train"
+    if source == "train":
+        return own
+    return proxy_set(source, cfg.attack.input_limit or len(own), dm.image_size, cfg.seed,
+                     cfg.attack.get("input_root"))
+
+
+def own_images(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
+    """The victim's images the UAP is made on (and its eps measured on, whatever the source of its inputs):
+    `attack.input_split` (a split, or splits joined by '+', e.g. train+val), or a seeded choice of
+    `attack.input_limit` of its images."""
     parts = [dm.dataset(s) for s in str(cfg.attack.input_split).split("+")]
     ds = parts[0] if len(parts) == 1 else GrayDataset(torch.cat([p.images for p in parts]),
                                                       torch.cat([p.labels for p in parts]),
@@ -48,11 +62,23 @@ def input_set(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
     return ds
 
 
+def check_queries(cfg: DictConfig, dm: CXRDataModule) -> None:
+    """attack.max_queries against the input set's size, before any training (the search checks it again)."""
+    limit = cfg.attack.get("max_queries")
+    if limit is None or cfg.attack.get("uap_file"):
+        return
+    atk = new_attack(cfg.attack, torch.nn.Identity(), dm.image_size, dm.classes)
+    n = len(input_set(cfg, dm))
+    if limit < atk.min_queries(n):
+        raise ConfigError(f"attack.max_queries={limit}: less than one pass over the {n} input images (their clean "
+                          f"predictions); expected >= {atk.min_queries(n)}")
+
+
 def build_attack(cfg: DictConfig, dm: CXRDataModule, net) -> tuple[UAP, GrayDataset]:
     """The configured attack against `net`, with eps set from its input set; and that input set."""
     inputs = input_set(cfg, dm)
     atk = new_attack(cfg.attack, net, dm.image_size, dm.classes)
-    atk.eps = zeta_to_eps(inputs.images.float().div(255), atk.zeta, atk.norm)
+    atk.eps = zeta_to_eps(own_images(cfg, dm).images.float().div(255), atk.zeta, atk.norm)
     atk.n_inputs = len(inputs)
     return atk, inputs
 
@@ -76,7 +102,7 @@ def load_saved_uap(cfg: DictConfig, dm: CXRDataModule) -> torch.Tensor:
     projected onto the ball). Needs only the data, so a run calls it before training as well."""
     path = cfg.attack.uap_file
     v = load_uap_file(path, dm.image_size)
-    eps = zeta_to_eps(input_set(cfg, dm).images.float().div(255), float(cfg.attack.zeta), cfg.attack.norm)
+    eps = zeta_to_eps(own_images(cfg, dm).images.float().div(255), float(cfg.attack.zeta), cfg.attack.norm)
     return check_budget(v, eps, cfg.attack.norm, bool(cfg.attack.get("project_uap_file", False)),
                         f"attack.uap_file={path}", "attack.project_uap_file")
 
@@ -138,6 +164,7 @@ def read_entry(entry: Path, atk: UAP) -> tuple[torch.Tensor, float] | None:
     with torch.no_grad():
         atk.v.copy_(uap)
     atk.history, atk.best = meta["history"], meta.get("best")
+    atk.victim.queries = int(meta.get("queries", 0))
     log.info("%s: UAP loaded from cache %s (made in %.1f s)", atk.name, entry, meta["seconds"])
     return uap, float(meta["seconds"])
 
@@ -145,7 +172,8 @@ def read_entry(entry: Path, atk: UAP) -> tuple[torch.Tensor, float] | None:
 def write_entry(entry: Path, atk: UAP, uap: torch.Tensor, seconds: float) -> None:
     """Atomic writes (temp file + rename): a half-written entry is never read."""
     best = None if atk.best is None else {"fr": atk.best["fr"], "from": atk.best["from"]}
-    meta = {"history": atk.history, "best": best, "seconds": seconds, "eps": atk.eps, "name": atk.name,
+    meta = {"history": atk.history, "best": best, "seconds": seconds, "queries": atk.queries, "eps": atk.eps,
+            "name": atk.name,
             "made_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     files.write_npy(entry / "uap.npy", uap[0].numpy().astype(np.float32))
     files.write_json(entry / "meta.json", meta, indent=1)

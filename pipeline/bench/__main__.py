@@ -14,6 +14,7 @@ which gives the time at which each of our rows first reached ART's final fooling
     python -m pipeline.bench                  # 256 images, the full comparison (minutes on a CPU)
     python -m pipeline.bench --quick          # a few dozen images, 2 passes (the test uses this)
     python -m pipeline.bench --device cuda    # on a GPU (ART on the same GPU)
+    python -m pipeline.bench --black-box      # the black-box UAPs' test FR against queries (table and figure)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 
 from pipeline import files
 from pipeline.bench.art import bench, fmt_table, speedup_line
+from pipeline.bench.blackbox import blackbox
 from pipeline.bench.precision import precision_check, precision_speedup, precision_table
 from pipeline.bench.setup import ROOT, machine, versions
 from pipeline.bench.study import study
@@ -66,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of the ART comparison: every method and variant of conf/bench/study.yaml against "
                          "--model (use "
                          "--norm, --zeta, --target with --targeted), on its whole input set")
+    ap.add_argument("--black-box", action="store_true",
+                    help="instead of the ART comparison: the black-box UAPs (simba_uap, nes_uap) against queries, "
+                         "L-inf zeta 2 %% and L2 zeta 4 %%, on --bb-models")
+    ap.add_argument("--bb-models", default="tiny_effnet", help="--black-box: model configs, comma-separated")
+    ap.add_argument("--queries", type=int, default=100_000, help="--black-box: the query budget of each search")
+    ap.add_argument("--bb-figure", default="outputs/bench/blackbox_fr_vs_queries.png",
+                    help="--black-box: where the figure goes")
     ap.add_argument("--norm", default="linf", choices=["linf", "l2"], help="--study: the norm")
     ap.add_argument("--targeted", action="store_true", help="--study: targeted to --target")
     ap.add_argument("--rows", default=None,
@@ -92,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if doc:
             write_doc(doc, cmd, text)
+        return 0
+    if args.black_box:
+        table, last, fig = blackbox(args)
+        text = (f"Machine: {machine(args.device)}; {versions()}.\n\nTest FR of the UAP as the search spends its "
+                f"queries (measured beside it at each checkpoint), up to {args.queries:,} queries; 100 input "
+                f"images; figure: {fig}.\n\n{table}")
+        print(text)
+        if doc:
+            write_doc(doc, cmd, text)
+        print(last)
         return 0
     if args.precision_check:
         text = f"Machine: {machine(args.device)}; {versions()}.\n\n{precision_check(args)}"

@@ -39,3 +39,25 @@ class RateTrace(pl.Callback):
         t = atk.clock.elapsed() if entry is None else entry["seconds"]
         with atk.clock.paused():
             self.points.append((t, atk.exact_rate(atk.v.detach())))
+
+
+class QueryTrace(pl.Callback):
+    """`points`: (queries used, held-out rate of v) whenever the search's query count passes one of `checkpoints`
+    (and at its end); `rate(v)` is measured directly on the classifier, beside the search: it is not an attacker's
+    query, and the search's clock is paused."""
+
+    def __init__(self, checkpoints, rate):
+        self.checkpoints, self.rate, self.points = sorted(checkpoints), rate, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        while self.checkpoints and pl_module.queries >= self.checkpoints[0]:
+            self.checkpoints.pop(0)
+            self.measure(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.points or self.points[-1][0] != pl_module.queries:
+            self.measure(pl_module)
+
+    def measure(self, atk) -> None:
+        with atk.clock.paused():
+            self.points.append((atk.queries, self.rate(atk.v.detach().cpu())))

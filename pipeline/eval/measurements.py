@@ -60,12 +60,15 @@ def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> 
     uap_file = files.write_npy(out / "uap.npy", uap[0].numpy().astype(np.float32))
     passes = atk.passes
     results = Results(params={"attack.eps": f"{atk.eps:.8g}", "attack.n_inputs": atk.n_inputs},
-                      curves={"uap_pass_input_fr": [(h["pass"], h["fr"]) for h in atk.history if h["pass"] > 0]})
+                      curves={"uap_pass_input_fr": [(h["pass"], h["fr"]) for h in atk.history if h["pass"] > 0],
+                              "uap_pass_queries": [(h["pass"], h.get("queries", 0)) for h in atk.history
+                                                   if h["pass"] > 0]})
     if atk.best is not None:  # keep: best / candidates: where the returned UAP came from
         results.tags["uap_best_from"] = atk.best["from"]
     rnd = random_control(uap, atk.eps, atk.norm, cfg.seed)
     metrics = {"eps": atk.eps, "zeta": atk.zeta, "uap_norm": lp_norms(uap[None], atk.norm).item(),
-               "random_norm": lp_norms(rnd[None], atk.norm).item(), "uap_seconds": seconds, "uap_passes": passes}
+               "random_norm": lp_norms(rnd[None], atk.norm).item(), "uap_seconds": seconds, "uap_passes": passes,
+               "uap_queries": atk.queries}
     preds = {}
     for split in ("train", "test"):
         ds = dm.dataset(split)
@@ -93,7 +96,8 @@ def input_metrics(cfg: DictConfig, dm: CXRDataModule, net, uap, atk, train_preds
     """The UAP's rates on its own input set (`input_fr`, targeted also `input_tsr`): what the search optimised,
     and where the warm start's guarantees hold. The train split's when it is the input set."""
     inputs, train = input_set(cfg, dm), dm.dataset("train")
-    if cfg.attack.input_split == "train" and len(inputs) == len(train):
+    own = (cfg.attack.get("input_source") or "train") == "train"
+    if own and cfg.attack.input_split == "train" and len(inputs) == len(train):
         p = train_preds
     else:
         p = predict(net, inputs, {"clean": None, "uap": uap}, clip=atk.clip, device=device)

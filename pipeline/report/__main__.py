@@ -45,6 +45,7 @@ def row_of(run) -> dict:
         "train": m.get(f"train_{key}"), "train_random": m.get(f"train_{key}_random"),
         "test": m.get(f"test_{key}"), "test_random": m.get(f"test_{key}_random"),
         "test_acc_clean": m.get("test_acc_clean"), "passes": m.get("uap_passes"), "seconds": m.get("uap_seconds"),
+        "queries": m.get("uap_queries"),
         "n_train": m.get("train_n"), "n_test": m.get("test_n"),  # absent in stores before intervals: no interval
         "run_id": run.info.run_id, "run_name": run.info.run_name, "model_arch": p.get("model.arch"),
         "config_hash": run.data.tags.get("config_hash"), "params": dict(p), "metrics": m,

@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 
 
 SUMMARY_METRICS = ["test_acc", "train_fr", "train_fr_random", "test_fr", "test_fr_random", "train_tsr",
-                   "train_tsr_random", "test_tsr", "test_tsr_random", "eps", "uap_norm", "uap_seconds", "uap_passes"]
+                   "train_tsr_random", "test_tsr", "test_tsr_random", "eps", "uap_norm", "uap_seconds", "uap_passes",
+                   "uap_queries"]
 
 
 def summary_rows(experiment_id: str, parent_id: str) -> list[dict]:

@@ -1,0 +1,63 @@
+"""The victim classifier as the attack reaches it: every image it forwards is counted (a query), and a black-box
+attacker gets probabilities only.
+
+A white-box search calls `logits` (gradients to the input allowed); every attack calls `probabilities` and
+`predict`. With `black_box=True`, `logits` is refused and so is any input that carries a gradient, so a
+black-box attack cannot use more than it is given by mistake. With `max_queries`, a call that would forward more
+images than are left raises `OutOfQueries` before it runs: the count never passes the budget.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pipeline import precision
+
+
+class OutOfQueries(Exception):
+    """The query budget (attack.max_queries) cannot pay for the next call."""
+
+
+class BlackBoxViolation(RuntimeError):
+    """A black-box attack asked the victim for more than probabilities (a bug in the attack, not in the input)."""
+
+
+class Victim:
+    def __init__(self, net: nn.Module, black_box: bool = False, max_queries: int | None = None):
+        self.net, self.black_box, self.max_queries = net, bool(black_box), max_queries
+        self.queries = 0
+
+    def left(self) -> float:
+        return float("inf") if self.max_queries is None else self.max_queries - self.queries
+
+    def _count(self, x: torch.Tensor) -> None:
+        n = len(x)
+        if n > self.left():
+            raise OutOfQueries(f"{n} more queries, {self.left():.0f} left of attack.max_queries={self.max_queries}")
+        self.queries += n
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """White-box: fp32 logits in the classifier's attack mode, differentiable to x."""
+        if self.black_box:
+            raise BlackBoxViolation("a black-box attack asked for the victim's logits (and their gradients)")
+        self._count(x)
+        return precision.logits(self.net, x, precision.mode_of(self.net, "attack"))
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """What a scoring interface returns: class probabilities (B, C), no gradient."""
+        self._refuse_gradients(x)
+        self._count(x)
+        return precision.logits(self.net, x.detach(), precision.mode_of(self.net, "eval")).softmax(1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted classes (B,), as the evaluation predicts them (bf16 close calls rechecked in fp32)."""
+        self._refuse_gradients(x)
+        self._count(x)
+        return precision.predicted(self.net, x.detach(), precision.mode_of(self.net, "eval"),
+                                   precision.recheck_of(self.net))
+
+    def _refuse_gradients(self, x: torch.Tensor) -> None:
+        if self.black_box and x.requires_grad:
+            raise BlackBoxViolation("a black-box attack passed the victim an input that requires a gradient")
