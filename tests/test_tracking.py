@@ -13,7 +13,8 @@ from pipeline.job import run_names
 
 FLAT = ["test_fr", "train_fr_random", "test_acc_clean", "test_uap_share_COVID-19", "test_clean_sens_normal",
         "test_acc", "val_acc", "test_sens_COVID-19", "test_ppv_normal", "eps", "zeta", "uap_norm", "random_norm",
-        "uap_seconds", "uap_passes", "uap_queries", "input_fr", "input_tsr", "uap_pass_input_fr", "uap_pass_queries", "defense_acc_clean",
+        "uap_seconds", "uap_passes", "uap_queries", "input_fr", "input_tsr", "uap_pass_input_fr", "uap_pass_queries",
+        "defense_acc_clean",
         "defense_fr_fresh_before", "min_zeta", "min_zeta_below", "min_zeta_target_fr", "probe_fr", "train_n",
         "test_n", "val_n"]
 

@@ -39,25 +39,30 @@ def input_set(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
     """The UAP's input set: the victim's own images (`own_images`), or with `attack.input_source` another
     source's (pipeline/data/proxy.py: folder, natural, noise), as many as `attack.input_limit` or the
     victim's input split."""
-    own = own_images(cfg, dm)
     source = cfg.attack.get("input_source") or "train"
     if source == "train":
-        return own
-    return proxy_set(source, cfg.attack.input_limit or len(own), dm.image_size, cfg.seed,
+        return own_images(cfg, dm)
+    return proxy_set(source, cfg.attack.input_limit or len(own_images(cfg, dm)), dm.image_size, cfg.seed,
                      cfg.attack.get("input_root"))
 
 
-def own_images(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
-    """The victim's images the UAP is made on (and its eps measured on, whatever the source of its inputs):
-    `attack.input_split` (a split, or splits joined by '+', e.g. train+val), or a seeded choice of
-    `attack.input_limit` of its images."""
+def eps_images(cfg: DictConfig, dm: CXRDataModule) -> torch.Tensor:
+    """The images eps is relative to (float (N, 1, H, W)): the victim's own, whatever the input source: the input
+    set itself when it is theirs, else their whole input split (attack.input_limit then counts proxy images)."""
+    own = (cfg.attack.get("input_source") or "train") == "train"
+    return own_images(cfg, dm, limit=own).images.float().div(255)
+
+
+def own_images(cfg: DictConfig, dm: CXRDataModule, limit: bool = True) -> GrayDataset:
+    """The victim's images the UAP is made on: `attack.input_split` (a split, or splits joined by '+', e.g.
+    train+val), or (`limit`) a seeded choice of `attack.input_limit` of its images."""
     parts = [dm.dataset(s) for s in str(cfg.attack.input_split).split("+")]
     ds = parts[0] if len(parts) == 1 else GrayDataset(torch.cat([p.images for p in parts]),
                                                       torch.cat([p.labels for p in parts]),
                                                       [q for p in parts for q in p.patients])
-    limit = cfg.attack.input_limit
-    if limit is not None and limit < len(ds):
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:limit].sort().values
+    n = cfg.attack.input_limit if limit else None
+    if n is not None and n < len(ds):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].sort().values
         ds = ds.subset(idx)
     return ds
 
@@ -78,7 +83,7 @@ def build_attack(cfg: DictConfig, dm: CXRDataModule, net) -> tuple[UAP, GrayData
     """The configured attack against `net`, with eps set from its input set; and that input set."""
     inputs = input_set(cfg, dm)
     atk = new_attack(cfg.attack, net, dm.image_size, dm.classes)
-    atk.eps = zeta_to_eps(own_images(cfg, dm).images.float().div(255), atk.zeta, atk.norm)
+    atk.eps = zeta_to_eps(eps_images(cfg, dm), atk.zeta, atk.norm)
     atk.n_inputs = len(inputs)
     return atk, inputs
 
@@ -102,7 +107,7 @@ def load_saved_uap(cfg: DictConfig, dm: CXRDataModule) -> torch.Tensor:
     projected onto the ball). Needs only the data, so a run calls it before training as well."""
     path = cfg.attack.uap_file
     v = load_uap_file(path, dm.image_size)
-    eps = zeta_to_eps(own_images(cfg, dm).images.float().div(255), float(cfg.attack.zeta), cfg.attack.norm)
+    eps = zeta_to_eps(eps_images(cfg, dm), float(cfg.attack.zeta), cfg.attack.norm)
     return check_budget(v, eps, cfg.attack.norm, bool(cfg.attack.get("project_uap_file", False)),
                         f"attack.uap_file={path}", "attack.project_uap_file")
 

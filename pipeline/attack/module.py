@@ -326,6 +326,7 @@ class UAP(pl.LightningModule):
             return
         try:
             self.step_batch(batch)
+            self.steps_in_pass += 1
         except OutOfQueries as e:
             log.info("%s: stops at %d queries (%s)", self.name, self.queries, e)
             self.out_of_queries, self.trainer.should_stop = True, True
@@ -391,7 +392,8 @@ class UAP(pl.LightningModule):
         """The victim's probabilities (K, B, C) of the images x (B, ...) under each of vs (K, 1, H, W), in batches
         of the evaluation's size."""
         k, b = len(vs), len(x)
-        chunk = max(1, precision.eval_batch(self.device) // b) if b < precision.eval_batch(self.device) else 1
+        self.victim.afford(k * b)  # a step is paid whole or not begun
+        chunk = max(1, precision.eval_batch(self.device) // b)
         out = [self.victim.probabilities(self.perturb(x.repeat(len(part), 1, 1, 1), part.repeat_interleave(b, 0)))
                for part in vs.split(chunk)]
         return torch.cat(out).view(k, b, -1)
@@ -439,6 +441,7 @@ class UAP(pl.LightningModule):
 
     @torch.no_grad()
     def accept_by_score(self, x, cp, idx, cands, v_before) -> None:
+        self.victim.afford(len(x) * (len(cands) + (not self.scored[idx].all())))
         if not self.scored[idx].all():  # the current v's score on these images is not known yet: query it
             self.score[idx] = self.image_scores(self.query_points(x, v_before[None])[0], cp)
             self.scored[idx] = True
@@ -453,7 +456,15 @@ class UAP(pl.LightningModule):
         self.score[idx], self.scored[idx] = scores[chosen], True
         self.fooled[idx] = self.is_fooled(probs[chosen].argmax(1), cp)
 
+    def on_train_epoch_start(self):
+        self.steps_in_pass = 0
+
     def on_train_epoch_end(self):
+        if self.out_of_queries and not self.steps_in_pass:  # the budget could not pay for this pass's first step
+            log.info("%s: start %d stops after %d passes (out of queries)", self.name, self.start,
+                     len(self.start_frs))
+            self.trainer.should_stop = True
+            return
         fr_exact = None
         if (self.exact_fr or self.keep == "best" or self.stopper.patience) and not self.out_of_queries:
             try:  # a pass over the set with v

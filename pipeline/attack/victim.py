@@ -30,11 +30,14 @@ class Victim:
     def left(self) -> float:
         return float("inf") if self.max_queries is None else self.max_queries - self.queries
 
-    def _count(self, x: torch.Tensor) -> None:
-        n = len(x)
+    def afford(self, n: int) -> None:
+        """Raise OutOfQueries unless n more queries fit the budget (a step checks its whole cost first)."""
         if n > self.left():
             raise OutOfQueries(f"{n} more queries, {self.left():.0f} left of attack.max_queries={self.max_queries}")
-        self.queries += n
+
+    def _count(self, x: torch.Tensor) -> None:
+        self.afford(len(x))
+        self.queries += len(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """White-box: fp32 logits in the classifier's attack mode, differentiable to x."""
