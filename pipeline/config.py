@@ -8,7 +8,7 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from pipeline import CONF
 from pipeline.attack import new_attack
@@ -63,6 +63,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("attack.warm_start: its candidates are white-box UAPs, which attack.black_box=true "
                           "cannot make; set attack.warm_start=null (a surrogate's UAP can start the search: "
                           "attack/initializer=from_file)")
+    if surrogate_config(cfg) is not None and a.get("black_box"):
+        raise ConfigError("attack.surrogate_model / attack.surrogate_seed: a transferred UAP is made white-box on the "
+                          "surrogate; attack.black_box=true queries the victim itself: set one or the other")
     # every attack key, the parts' too, checked by the classes that use them (whatever the task: one schema)
     new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
     if cfg.get("defense"):
@@ -101,6 +104,27 @@ def check_min_zeta(m: DictConfig) -> None:
     if float(m.tol) <= 0 or int(m.max_probes) < 2:
         raise ConfigError(f"min_zeta.tol={m.tol}, min_zeta.max_probes={m.max_probes}: "
                           "expected tol > 0, max_probes >= 2")
+
+
+def surrogate_config(cfg: DictConfig) -> DictConfig | None:
+    """The config of the surrogate a transferred UAP is made on (attack.surrogate_model: another architecture,
+    attack.surrogate_seed: another training seed; both may be set), or None (the UAP is made on the victim)."""
+    name, seed = cfg.attack.get("surrogate_model"), cfg.attack.get("surrogate_seed")
+    if name is None and seed is None:
+        return None
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+        raise ConfigError(f"attack.surrogate_seed={seed!r}: expected null or an integer in [0, 2**32)")
+    c = cfg.copy()
+    with open_dict(c):
+        if name is not None:
+            try:
+                c.model = compose_group("model", str(name))
+            except ConfigError as e:
+                raise ConfigError(f"attack.surrogate_model: {e}") from None
+        if seed is not None:
+            c.seed = seed
+        c.attack.surrogate_model = c.attack.surrogate_seed = None
+    return c
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:

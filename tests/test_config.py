@@ -9,7 +9,7 @@ from conftest import make_cfg, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline.config import group_options, validate
+from pipeline.config import group_options, surrogate_config, validate
 from pipeline.errors import ConfigError
 
 GROUPS = ["data", "model", "optim", "trainer", "attack", "norm", "tracking"]
@@ -95,3 +95,20 @@ def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
     proc = run_cli(["model=resnet999"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "resnet18" in proc.stderr and "densenet121" in proc.stderr
+
+
+@pytest.mark.parametrize("option", options("threat"))
+def test_every_threat_composes_and_validates(option, tmp_path):
+    cfg = make_cfg(["data=cxr3", "attack=strong_uap", f"+threat={option}"], tmp_path)
+    validate(cfg)
+    surrogate = surrogate_config(cfg)
+    assert (surrogate is not None) == option.startswith("surrogate")
+    if option == "surrogate_seed":
+        assert surrogate.seed == 7 and surrogate.model.name == cfg.model.name
+    elif surrogate is not None:
+        assert surrogate.model.name == option.removeprefix("surrogate_") and surrogate.seed == cfg.seed
+
+
+@pytest.mark.parametrize("option", options("sweep"))
+def test_every_sweep_composes(option, tmp_path):
+    validate(make_cfg([f"+sweep={option}"], tmp_path))

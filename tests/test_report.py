@@ -195,3 +195,20 @@ def test_the_time_table_splits_each_models_wall_time_by_hand():
     assert cells(lines[2]) == ["a", "bf16+cl", "2", "15.0", "2.0", "8.0", "5.0"]  # 900 s, 120 s, 480 s, 300 s
     assert cells(lines[3]) == ["b", "fp32", "1", "2.0", "1.0", "0.5", "0.5"]
     assert cells(lines[4]) == ["**all**", "", "3", "**17.0**", "3.0", "8.5", "5.5"]
+
+
+def test_the_threat_table_has_a_row_per_attacker_and_the_random_control():
+    def run(fr, attack="strong_uap", **p):
+        return {"target": "non-targeted", "model": "m", "norm": "linf", "zeta": 2.0, "test": fr, "test_random": 0.05,
+                "n_test": 100, "attack": attack, "params": p}
+    rows = [run(0.7), run(0.4, **{"attack.input_source": "natural"}), run(0.3, **{"attack.surrogate_seed": "7"}),
+            run(0.2, "nes_uap", **{"attack.black_box": "True", "attack.max_queries": "100000"}),
+            run(0.1, "nes_uap", **{"attack.black_box": "True", "attack.max_queries": "10000"})]
+    lines = tables.threat_table(rows).splitlines()
+    assert [cells(line)[0] for line in lines[2:]] == [
+        "white-box, the training images", "white-box, natural images",
+        "transferred from the same architecture, seed 7", "black-box nes_uap, 10,000 queries",
+        "black-box nes_uap, 100,000 queries", "random control (same norm, white-box runs)"]
+    assert cells(lines[0])[1] == "m · L-inf 2 %"
+    assert cells(lines[2])[1] == "0.700 [0.60, 0.78]"  # Wilson, 70 of 100: [0.604, 0.781] and cells(lines[-1])[1].startswith("0.050 [")
+    assert tables.threat_table(rows[:1]) == ""  # one attacker: no table

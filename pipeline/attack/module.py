@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 KEEP = ("last", "best")
 # attack keys that shape the job around the search (or feed the parts by interpolation), not the module
 TASK_KEYS = ("uap_file", "project_uap_file", "warm_start", "input_split", "input_limit", "input_source", "input_root",
-             "max_iter", "delta", "step")
+             "surrogate_model", "surrogate_seed", "max_iter", "delta", "step")
 
 
 def new_attack(attack, classifier: nn.Module, image_size: int, classes: Sequence[str], **changes) -> UAP:

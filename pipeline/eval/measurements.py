@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 from pipeline import figures, files
 from pipeline.attack import lp_norms, random_control
 from pipeline.attack.build import build_attack, input_set, load_saved_uap, make_uap
+from pipeline.classifier import train_or_load
+from pipeline.config import surrogate_config
 from pipeline.data import CXRDataModule
 from pipeline.eval.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate
 from pipeline.eval.predictions import predict
@@ -52,9 +54,12 @@ def classifier_metrics(model, dm: CXRDataModule, out: Path, device) -> tuple[dic
 def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> Results:
     """Make (or load) the UAP on the input set, evaluate it and its random control on train and test; the UAP
     (uap.npy) and the figures are written to `out` before anything is logged."""
+    surrogate = surrogate_config(cfg)
     if cfg.attack.get("uap_file"):
         atk, _ = build_attack(cfg, dm, net)
         uap, seconds = load_saved_uap(cfg, dm), 0.0
+    elif surrogate is not None:  # transferred: made white-box on the surrogate, then applied to the victim
+        atk, uap, seconds = make_uap(surrogate, dm, train_or_load(surrogate, dm)[0].net.eval(), device)
     else:
         atk, uap, seconds = make_uap(cfg, dm, net, device)
     uap_file = files.write_npy(out / "uap.npy", uap[0].numpy().astype(np.float32))
@@ -68,7 +73,7 @@ def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> 
     rnd = random_control(uap, atk.eps, atk.norm, cfg.seed)
     metrics = {"eps": atk.eps, "zeta": atk.zeta, "uap_norm": lp_norms(uap[None], atk.norm).item(),
                "random_norm": lp_norms(rnd[None], atk.norm).item(), "uap_seconds": seconds, "uap_passes": passes,
-               "uap_queries": atk.queries}
+               "uap_queries": 0 if surrogate is not None else atk.queries}  # images sent to the victim
     preds = {}
     for split in ("train", "test"):
         ds = dm.dataset(split)

@@ -169,6 +169,8 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
                    paper_table([r for r in rows if r["norm"] == norm], cols)) for norm in norms),
                 ("Where non-targeted UAPs send the test images: share of predictions per class, clean -> **UAP** "
                  f"(random), zeta closest to {zeta:g} %", shares_table(rows, zeta, cols)),
+                ("Threat models: non-targeted test FR by what the attacker has (the training images or other "
+                 "images, a surrogate, only the victim's scores)", threat_table(rows)),
                 ("Across seeds: mean ± sd (sample standard deviation) over the seeds of each cell",
                  seeds_table(rows, cols)),
                 ("Where the time went: the runs' wall time per model, of which classifier training and UAP "
@@ -184,6 +186,58 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
     text = note + "\n".join(f"### {title}\n\n{body}" for title, body in sections if body)
     (out / "results.md").write_text(text)
     return out / "results.csv", out / "results.md"
+
+
+def threat_of(r: dict) -> tuple[int, float, str]:
+    """A run's attacker (sort order, queries, label): white-box with the training images or with other images,
+    transferred from a surrogate, or black-box at a query budget."""
+    p = r["params"]
+
+    def val(k):
+        return None if p.get(k) in (None, "", "None", "null") else p[k]
+
+    if val("attack.black_box") == "True":
+        q = float(val("attack.max_queries") or "inf")
+        return 4, q, f"black-box {r['attack']}, " + (f"{q:,.0f} queries" if q < float("inf") else "no query limit")
+    model, seed = val("attack.surrogate_model"), val("attack.surrogate_seed")
+    if model or seed:
+        return 3, 0, f"transferred from {model or 'the same architecture'}" + (f", seed {seed}" if seed else "")
+    source = val("attack.input_source") or "train"
+    if source != "train":
+        where = f" ({val('attack.input_root')})" if source == "folder" else ""
+        return 2, 0, f"white-box, {source} images{where}"
+    return 1, 0, "white-box, the training images"
+
+
+def threat_table(rows: list[dict]) -> str:
+    """Non-targeted test FR per attacker (rows) and model / budget (columns), with 95 % intervals, and the random
+    control of the white-box runs; empty unless the runs hold more than one attacker."""
+    nt = [r for r in rows if r["target"] == "non-targeted" and r.get("test") is not None]
+    threats = sorted({threat_of(r) for r in nt})
+    if len(threats) < 2:
+        return ""
+    cols = sorted({(r["model"], r["norm"], r["zeta"]) for r in nt})
+    cell: dict = defaultdict(list)
+    for r in nt:
+        cell[threat_of(r), (r["model"], r["norm"], r["zeta"])].append(r)
+        if threat_of(r)[0] == 1:
+            cell[(5, 0, "random control (same norm, white-box runs)"), (r["model"], r["norm"], r["zeta"])].append(
+                {**r, "test": r["test_random"]})
+    body = []
+    for t in [*threats, (5, 0, "random control (same norm, white-box runs)")]:
+        line = [t[2]]
+        for c in cols:
+            rs = cell.get((t, c), [])
+            vals = [x["test"] for x in rs]
+            if not vals:
+                line.append("")
+            elif len(vals) == 1:
+                line.append(f"{vals[0]:.3f}{interval(vals[0], rs[0].get('n_test'))}")
+            else:
+                line.append(f"{spread(vals)} ({len(vals)} runs)")
+        body.append(line)
+    head = ["attacker", *(f"{m} · {NORM_NAMES.get(n, n)} {z:g} %" for m, n, z in cols)]
+    return md_table(head, body)
 
 
 def time_table(rows: list[dict]) -> str:

@@ -4,9 +4,10 @@ another?
     python -m pipeline task=transfer transfer.models=[tiny,resnet18] data=cxr3
 
 For each model of `transfer.models` (config names under conf/model; trained once and cached like any
-run) the configured UAP is made on it, then evaluated on every model: a matrix of test FR (TSR when
-targeted), rows = source model, columns = evaluated model, the diagonal being white-box; plus the
-random control on each model. One MLflow run with the matrix as CSV and heatmap PNG.
+run; `name@seed` is the same architecture trained with another seed, a surrogate that differs from the victim
+only in its initialisation and data order) the configured UAP is made on it, then evaluated on every
+model: a matrix of test FR (TSR when targeted), rows = source model, columns = evaluated model, the diagonal
+being white-box; plus the random control on each model. One MLflow run with the matrix as CSV and heatmap PNG.
 """
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ def model_config(name: str) -> DictConfig:
         raise ConfigError(f"transfer.models: {e}") from None
 
 
+def model_entry(entry: str, seed: int) -> tuple[str, int]:
+    """`name` or `name@seed` of transfer.models: the model config's name and the seed it is trained with."""
+    name, _, s = str(entry).partition("@")
+    if not s:
+        return name, seed
+    try:
+        return name, int(s)
+    except ValueError:
+        raise ConfigError(f"transfer.models: {entry!r}: expected a model name, or name@seed with an integer seed "
+                          f"(e.g. tiny_effnet@2)") from None
+
+
 def run_transfer(cfg: DictConfig) -> dict:
 
     names = list(cfg.transfer.models)
@@ -50,9 +63,10 @@ def run_transfer(cfg: DictConfig) -> dict:
         dm.setup()
         nets, cfgs = {}, {}
         for name in names:  # every model trained (or loaded from the cache) as a single run would
+            arch, seed = model_entry(name, cfg.seed)
             c = cfg.copy()
             with open_dict(c):
-                c.model = model_config(name)
+                c.model, c.seed = model_config(arch), seed
             validate(c)
             model, _ = train_or_load(c, dm)
             nets[name], cfgs[name] = model.net.eval(), c
