@@ -374,15 +374,7 @@ class UAP(pl.LightningModule):
                 return
             losses = self.current_objective(logits, cp, pred, self.target)
             loss = (losses[stepping] if self.skip_fooled else losses).mean()
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-            sched = self.lr_schedulers()
-            if sched is not None:
-                sched.step()
-            with torch.no_grad():
-                self.v.copy_(project(self.v[None], self.eps, self.norm)[0])
+            self.optimise(lambda: self.manual_backward(loss))
             cands = self.v.detach()[None]
             self.log("loss", loss.detach(), prog_bar=True)
         self.accept(x, cp, idx, fooled, cands, v_before)
@@ -408,16 +400,21 @@ class UAP(pl.LightningModule):
         pred = logp[0].argmax(1)
         self.fooled[idx] = self.is_fooled(pred, cp)
         losses = torch.stack([self.current_objective(lp, cp, lp.argmax(1), self.target).mean() for lp in logp[1:]])
+        self.optimise(lambda: setattr(self.v, "grad", est.estimate(u, losses).to(self.v.dtype)))
+        self.log("loss", losses.mean(), prog_bar=True)
+
+    def optimise(self, backward) -> None:
+        """One step of the step rule's optimiser, `backward()` filling v's gradient (autograd, or an estimate);
+        then its schedule, and the projection onto the ball."""
         opt = self.optimizers()
         opt.zero_grad()
-        self.v.grad = est.estimate(u, losses).to(self.v.dtype)
+        backward()
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
         with torch.no_grad():
             self.v.copy_(project(self.v[None], self.eps, self.norm)[0])
-        self.log("loss", losses.mean(), prog_bar=True)
 
     @torch.no_grad()
     def accept(self, x, cp, idx, fooled, cands, v_before) -> None:
