@@ -17,6 +17,8 @@ from pipeline.attack.build import build_attack, check_queries
 from pipeline.attack.dct import Basis, block_order, dct_matrix
 from pipeline.attack.step import NES, SimBA
 from pipeline.attack.victim import BlackBoxViolation, OutOfQueries, Victim
+from pipeline.bench.blackbox import checkpoints, first_reaching
+from pipeline.bench.trace import QueryTrace
 from pipeline.config import validate
 from pipeline.data.proxy import proxy_set
 from pipeline.errors import ConfigError, DataError
@@ -203,3 +205,23 @@ def test_black_box_and_proxy_attacks_run_from_the_command_line_and_in_a_sweep(tm
     assert set(done["params.attack.input_source"]) == {"natural", "noise"}
     assert (done["metrics.uap_queries"] <= done["params.attack.max_queries"].astype(float)).all()
     assert (done["metrics.uap_queries"] > 40).all()
+
+
+def test_the_bench_traces_the_held_out_rate_against_queries_beside_the_search(phantom_model):
+    cfg, dm, model = phantom_model
+    assert checkpoints(100_000) == [1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000]
+    assert first_reaching([(1000, 0.1), (2000, 0.3), (5000, 0.2)], 0.25) == 2000
+    assert first_reaching([(1000, 0.1)], 0.5) is None
+    c = make_cfg(["attack=nes_uap", "zeta=4", "attack.max_queries=3000"])
+    atk, inputs = build_attack(c, dm, model.net)
+    seen = []
+
+    def rate(v):  # measured on the classifier directly: not a query of the attacker's
+        seen.append(atk.queries)
+        return float(v.abs().mean())
+    trace = QueryTrace(checkpoints(3000), rate)
+    x, y = inputs.tensors()
+    atk.make(x, y, trainer_kwargs={"enable_progress_bar": False}, seed=0, callbacks=[trace])
+    qs = [q for q, _ in trace.points]
+    assert len(qs) == 3 and qs[0] >= 1000 and qs[1] >= 2000 and qs[-1] == atk.queries <= 3000
+    assert qs == seen  # the count did not move while measuring

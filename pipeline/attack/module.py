@@ -483,9 +483,9 @@ class UAP(pl.LightningModule):
         self.log("queries", float(self.queries), prog_bar=True)
         self.log("uap_norm", lp_norms(self.v.detach()[None], self.norm).item(), prog_bar=True)
         reason = "out of queries" if self.out_of_queries else self.stopper.reason(self.start_frs)
-        # one line per pass in a log, at most about 50 per start (a black-box search makes thousands of passes)
-        every = max(1, self.stopper.max_passes // 50)
-        if self.trainer.progress_bar_callback is None and (len(self.start_frs) % every == 0 or reason):
+        # one line per pass in a log: the first 50, then about 50 more per start (U-SimBA makes thousands)
+        every, n = max(1, self.stopper.max_passes // 50), len(self.start_frs)
+        if self.trainer.progress_bar_callback is None and (n <= 50 or n % every == 0 or reason):
             log.info("%s, %s %.3f", self.pass_label(self.trainer), "TSR" if self.targeted else "FR", fr)
         if reason:
             log.info("%s: start %d stops after %d passes (%s)", self.name, self.start, len(self.start_frs), reason)

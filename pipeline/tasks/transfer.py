@@ -98,8 +98,9 @@ def run_transfer(cfg: DictConfig) -> dict:
         files.write_json(out / "transfer.json", result, indent=1)
         for f in (out / "transfer.csv", png, out / "transfer.json"):
             tracking.log_artifact(f)
+        tag = [n.replace("@", "_seed") for n in names]  # MLflow metric names take no "@"
         tracking.log_metrics({f"transfer_{key.lower()}_{s}_to_{d}": matrix[i, j]
-                              for i, s in enumerate(names) for j, d in enumerate(names)})
+                              for i, s in enumerate(tag) for j, d in enumerate(tag)})
         log.info("transfer matrix (%s, rows = UAP made on, columns = evaluated on):\n%s\nrandom: %s", key,
                  "\n".join(f"{n:>14} " + " ".join(f"{v:.3f}" for v in row) for n, row in zip(names, matrix)),
                  " ".join(f"{v:.3f}" for v in random_row))
