@@ -24,6 +24,11 @@ from pipeline.errors import UserError, instantiate
 DISPLAY_GROUPS = {"paths", "tracking", "hydra"}  # files and folders, the MLflow store, Hydra's launcher and run dirs
 DISPLAY_KEYS = {"sweep_name", "resume", "model.name", "attack.name"}  # bookkeeping and display names
 DISPLAY_LEAVES = {"num_workers", "enable_progress_bar", "log_every_n_steps", "enable_model_summary"}  # at any depth
+# keys added after results were made, at the value that does what came before them (the white-box attacker with the
+# training images): left out of every identity at that value, so that earlier cache entries and finished jobs
+# keep their keys; any other value defines the result like any key
+NEUTRAL = {"attack.black_box": False, "attack.max_queries": None, "attack.input_source": "train",
+           "attack.input_root": None, "attack.surrogate_model": None, "attack.surrogate_seed": None}
 # top-level sections read by one task only: another task's result does not depend on them
 TASK_SECTIONS = {"defense": "defense", "min_zeta": "min_zeta", "transfer": "transfer"}
 
@@ -51,8 +56,14 @@ def read_by(key: str, task: str) -> bool:
 def defining(container: Any, prefix: str = "") -> Any:
     """A plain config container without its display keys (at every depth)."""
     if isinstance(container, dict):
-        return {k: defining(v, f"{prefix}{k}.") for k, v in container.items() if not is_display(f"{prefix}{k}")}
+        return {k: defining(v, f"{prefix}{k}.") for k, v in container.items()
+                if not is_display(f"{prefix}{k}") and not is_neutral(f"{prefix}{k}", v)}
     return container
+
+
+def is_neutral(key: str, value: Any) -> bool:
+    """Whether a key holds the value that does what came before it was added (NEUTRAL)."""
+    return key in NEUTRAL and value == NEUTRAL[key] and type(value) is type(NEUTRAL[key])
 
 
 def canonical(obj: Any) -> Any:

@@ -138,3 +138,17 @@ def test_the_report_groups_runs_by_defining_params_only():
     for k in ("tracking.uri", "paths.cache_dir", "data.num_workers", "trainer.enable_progress_bar", "attack.name"):
         assert not tables.groups_param(k), k
     assert not tables.groups_param("defense.rounds", "attack") and tables.groups_param("defense.rounds", "defense")
+
+
+def test_keys_added_later_at_their_neutral_value_leave_earlier_identities_unchanged(tmp_path):
+    """The attacker's keys (black_box, max_queries, input_source, ...) at the values that do what came before
+    them: a config without them (an older run's) has the same job hash and UAP identity; another value does not."""
+    cfg = make_cfg(BASE, tmp_path)
+    older = copy.deepcopy(cfg)
+    with open_dict(older):
+        for key in identity.NEUTRAL:
+            del older.attack[key.split(".", 1)[1]]
+    assert identity.job_hash(older) == identity.job_hash(cfg)
+    assert identity.config_part(older, "attack") == identity.config_part(cfg, "attack")
+    for key, value in [("attack.input_source", "noise"), ("attack.max_queries", 1000), ("attack.black_box", True)]:
+        assert identity.job_hash(with_leaf(cfg, key, value)) != identity.job_hash(cfg), key

@@ -424,7 +424,9 @@ class UAP(pl.LightningModule):
             return
         if self.acceptance.check:  # every candidate on the step's images, in one batch
             k, b = len(cands), len(x)
-            preds = self.victim.predict(self.perturb(x.repeat(k, 1, 1, 1), cands.repeat_interleave(b, 0)))
+            xs = self.perturb(x.repeat(k, 1, 1, 1), cands.repeat_interleave(b, 0))
+            # white-box: in the attack's mode, as the search's own forward; black-box: the labels alone
+            preds = self.victim.predict(xs) if self.black_box else self.logits(xs).argmax(1)
             fools = self.is_fooled(preds.view(k, b), cp.expand(k, -1))
         chosen = self.acceptance.choose(fools, fooled)
         if hasattr(self.step_rule, "feedback"):
