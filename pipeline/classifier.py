@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import files, precision, progress
 from pipeline.cache import Cache
@@ -245,3 +245,13 @@ def train_or_load(cfg: DictConfig, dm, callbacks: Sequence[pl.Callback] = ()) ->
                 else f"last epoch {trainer.current_epoch}, no validation split")
         log.info("classifier trained in %.0f s (%s), cached at %s", meta["train_seconds"], kept, ckpt)
         return model, {**meta, "cache_hit": False, "path": str(ckpt)}
+
+
+def data_for(c: DictConfig, cfg: DictConfig, dm):
+    """The data module of config `c` (a surrogate's): `dm` itself when c's data resolves as cfg's, else a new one
+    (another seed splits the training images otherwise), so that a classifier's cache key matches its data."""
+    if OmegaConf.to_container(c.data, resolve=True) == OmegaConf.to_container(cfg.data, resolve=True):
+        return dm
+    other = instantiate(c.data)
+    other.setup()
+    return other

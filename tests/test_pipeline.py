@@ -1,5 +1,6 @@
 """End to end on the phantom default: `python -m pipeline` trains, attacks, logs everything to MLflow."""
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -56,7 +57,8 @@ def test_run_logs_params_metrics_artifacts_and_tags(two_runs):
 def test_the_console_shows_labelled_progress_and_no_library_noise(two_runs):
     _, first, _ = two_runs
     text = first.stdout + first.stderr
-    assert "classifier epoch 1/20: train loss" in text and "UAP pass 1/15, FR " in text  # not a TTY: lines
+    assert "classifier epoch 1/20: train loss" in text and "UAP pass 1/15, " in text  # not a TTY: lines
+    assert re.search(r"UAP pass 1/15, \d+ queries, FR ", text)  # the images sent to the classifier so far
     for noise in ("GPU available", "Seed set", "litlogger", "LeafSpec", "configure_optimizers", "in eval mode",
                   "`max_epochs=", "Epoch 0", "it/s]", "Pickle"):
         assert noise not in text, noise

@@ -50,15 +50,15 @@ def test_defense_disarms_the_uap_it_trains_against_and_keeps_accuracy(cache, tmp
 
 def test_transfer_matrix_shape_range_and_white_box_diagonal(cache, tmp_path):
     with_cache(cache, tmp_path)
-    models = ["tiny", "tiny_effnet", "tiny@7"]  # tiny@7: the same architecture trained with another seed
+    models = ["tiny", "tiny_effnet"]
     proc = run_cli([*FAST, *ATTACK, "task=transfer", f"transfer.models=[{','.join(models)}]"], tmp_path)
     assert "transfer matrix" in proc.stdout + proc.stderr
     runs = mlflow_runs(tmp_path)
     assert len(runs) == 1
     out = json.loads((sorted((tmp_path / "outputs" / "runs").glob("*/*"))[-1] / "transfer.json").read_text())
     matrix = np.array(out["matrix"])
-    assert matrix.shape == (3, 3) and ((0 <= matrix) & (matrix <= 1)).all()
-    assert len(out["random"]) == 3
+    assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 1)).all()
+    assert len(out["random"]) == 2
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"])}
     assert {"transfer.csv", "transfer.png"} <= names
     # the diagonal is white-box: the same FR as single runs with the same seed and config

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from pipeline import figures, files
 from pipeline.attack import lp_norms, random_control
 from pipeline.attack.build import build_attack, input_set, load_saved_uap, make_uap
-from pipeline.classifier import train_or_load
+from pipeline.classifier import data_for, train_or_load
 from pipeline.config import surrogate_config
 from pipeline.data import CXRDataModule
 from pipeline.eval.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate
@@ -59,7 +59,8 @@ def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> 
         atk, _ = build_attack(cfg, dm, net)
         uap, seconds = load_saved_uap(cfg, dm), 0.0
     elif surrogate is not None:  # transferred: made white-box on the surrogate, then applied to the victim
-        atk, uap, seconds = make_uap(surrogate, dm, train_or_load(surrogate, dm)[0].net.eval(), device)
+        sdm = data_for(surrogate, cfg, dm)  # another seed: its own split of the training images
+        atk, uap, seconds = make_uap(surrogate, sdm, train_or_load(surrogate, sdm)[0].net.eval(), device)
     else:
         atk, uap, seconds = make_uap(cfg, dm, net, device)
     uap_file = files.write_npy(out / "uap.npy", uap[0].numpy().astype(np.float32))

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, open_dict
 from pipeline import figures, files, tracking
 from pipeline.attack import random_control
 from pipeline.attack.build import make_uap
-from pipeline.classifier import train_or_load
+from pipeline.classifier import data_for, train_or_load
 from pipeline.config import compose_group, validate
 from pipeline.errors import ConfigError, instantiate
 from pipeline.eval.metrics import attack_rate
@@ -61,20 +61,21 @@ def run_transfer(cfg: DictConfig) -> dict:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = instantiate(cfg.data)
         dm.setup()
-        nets, cfgs = {}, {}
+        nets, cfgs, dms = {}, {}, {}
         for name in names:  # every model trained (or loaded from the cache) as a single run would
             arch, seed = model_entry(name, cfg.seed)
             c = cfg.copy()
             with open_dict(c):
                 c.model, c.seed = model_config(arch), seed
             validate(c)
-            model, _ = train_or_load(c, dm)
+            dms[name] = data_for(c, cfg, dm)  # another seed: its own split of the training images
+            model, _ = train_or_load(c, dms[name])
             nets[name], cfgs[name] = model.net.eval(), c
         test = dm.dataset("test")
         matrix = np.zeros((len(names), len(names)))
         random_row = [0.0] * len(names)
         for i, src in enumerate(names):
-            atk, uap, _ = make_uap(cfgs[src], dm, nets[src], device)
+            atk, uap, _ = make_uap(cfgs[src], dms[src], nets[src], device)
             target = atk.target
             rnd = random_control(uap, atk.eps, atk.norm, cfg.seed)
             for j, dst in enumerate(names):
