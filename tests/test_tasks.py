@@ -50,23 +50,27 @@ def test_defense_disarms_the_uap_it_trains_against_and_keeps_accuracy(cache, tmp
 
 def test_transfer_matrix_shape_range_and_white_box_diagonal(cache, tmp_path):
     with_cache(cache, tmp_path)
-    models = ["tiny", "tiny_effnet"]
+    models = ["tiny", "tiny_effnet", "tiny@7"]
     proc = run_cli([*FAST, *ATTACK, "task=transfer", f"transfer.models=[{','.join(models)}]"], tmp_path)
     assert "transfer matrix" in proc.stdout + proc.stderr
     runs = mlflow_runs(tmp_path)
     assert len(runs) == 1
     out = json.loads((sorted((tmp_path / "outputs" / "runs").glob("*/*"))[-1] / "transfer.json").read_text())
     matrix = np.array(out["matrix"])
-    assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 1)).all()
-    assert len(out["random"]) == 2
+    assert matrix.shape == (3, 3) and ((0 <= matrix) & (matrix <= 1)).all()
+    assert len(out["random"]) == 3
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"])}
     assert {"transfer.csv", "transfer.png"} <= names
     # the diagonal is white-box: the same FR as single runs with the same seed and config
-    for i, entry in enumerate(models):
-        model, _, seed = entry.partition("@")
-        run_cli([*FAST, *ATTACK, f"model={model}", *([f"seed={seed}"] if seed else [])], tmp_path)
+    for i, model in enumerate(models[:2]):
+        run_cli([*FAST, *ATTACK, f"model={model}"], tmp_path)
         single = mlflow_runs(tmp_path).sort_values("start_time").iloc[-1]
         assert single["metrics.test_fr"] == pytest.approx(matrix[i, i], abs=1e-9), model
+    # tiny@7 is the classifier a single run with seed=7 trains (the same cache entry: its data split and
+    # initialisation), a surrogate whose UAP is not tiny's: every entry is evaluated on the victim's test set
+    single = run_cli([*FAST, *ATTACK, "model=tiny", "seed=7"], tmp_path)
+    assert "loaded from cache" in single.stdout + single.stderr
+    assert not np.array_equal(matrix[0], matrix[2])
 
 
 def test_min_zeta_meets_the_target_and_zeta_minus_tol_does_not(cache, tmp_path):

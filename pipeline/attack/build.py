@@ -27,9 +27,10 @@ from omegaconf import DictConfig, open_dict
 from pipeline import files
 from pipeline.attack import UAP, new_attack, zeta_to_eps
 from pipeline.attack.initializer import check_budget, load_uap_file
+from pipeline.attack.victim import check_budget_pays_one_pass
 from pipeline.cache import Cache
 from pipeline.data import CXRDataModule, GrayDataset
-from pipeline.data.proxy import proxy_set
+from pipeline.data.proxy import folder_files, proxy_set
 from pipeline.errors import ConfigError
 from pipeline.identity import uap_key
 
@@ -37,13 +38,25 @@ log = logging.getLogger(__name__)
 
 def input_set(cfg: DictConfig, dm: CXRDataModule) -> GrayDataset:
     """The UAP's input set: the victim's own images (`own_images`), or with `attack.input_source` another
-    source's (pipeline/data/proxy.py: folder, natural, noise), as many as `attack.input_limit` or the
-    victim's input split."""
+    source's (pipeline/data/proxy.py: folder, natural, noise), `input_count` of them."""
     source = cfg.attack.get("input_source") or "train"
     if source == "train":
         return own_images(cfg, dm)
-    return proxy_set(source, cfg.attack.input_limit or len(own_images(cfg, dm)), dm.image_size, cfg.seed,
-                     cfg.attack.get("input_root"))
+    return proxy_set(source, input_count(cfg, dm), dm.image_size, cfg.seed, cfg.attack.get("input_root"))
+
+
+def input_count(cfg: DictConfig, dm: CXRDataModule) -> int:
+    """How many images the input set holds, without making it: `attack.input_limit` (or as many as the victim's
+    input split), capped by what the source has (the victim's split, a folder's files)."""
+    own = len(own_images(cfg, dm, limit=False))
+    limit = cfg.attack.input_limit
+    n = own if limit is None else int(limit)
+    source = cfg.attack.get("input_source") or "train"
+    if source == "train":
+        return min(n, own)
+    if source == "folder":  # listing the folder also names it when it is missing or empty
+        return min(n, len(folder_files(cfg.attack.get("input_root"))))
+    return n
 
 
 def eps_images(cfg: DictConfig, dm: CXRDataModule) -> torch.Tensor:
@@ -69,14 +82,8 @@ def own_images(cfg: DictConfig, dm: CXRDataModule, limit: bool = True) -> GrayDa
 
 def check_queries(cfg: DictConfig, dm: CXRDataModule) -> None:
     """attack.max_queries against the input set's size, before any training (the search checks it again)."""
-    limit = cfg.attack.get("max_queries")
-    if limit is None or cfg.attack.get("uap_file"):
-        return
-    atk = new_attack(cfg.attack, torch.nn.Identity(), dm.image_size, dm.classes)
-    n = len(input_set(cfg, dm))
-    if limit < atk.min_queries(n):
-        raise ConfigError(f"attack.max_queries={limit}: less than one pass over the {n} input images (their clean "
-                          f"predictions); expected >= {atk.min_queries(n)}")
+    if not cfg.attack.get("uap_file"):
+        check_budget_pays_one_pass(cfg.attack.get("max_queries"), input_count(cfg, dm))
 
 
 def build_attack(cfg: DictConfig, dm: CXRDataModule, net) -> tuple[UAP, GrayDataset]:

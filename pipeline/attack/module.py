@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline import precision, progress
 from pipeline.attack.initializer import Zeros
 from pipeline.attack.norms import check_norm, lp_norms, project, random_uap, zeta_to_eps
-from pipeline.attack.victim import OutOfQueries, Victim
+from pipeline.attack.victim import OutOfQueries, Victim, check_budget_pays_one_pass
 from pipeline.data import augment_batch
 from pipeline.errors import ConfigError, instantiate
 
@@ -162,11 +162,6 @@ class UAP(pl.LightningModule):
     def queries(self) -> int:
         return self.victim.queries
 
-    def min_queries(self, n_inputs: int) -> int:
-        """The least attack.max_queries that lets the search start: one pass over the input set (its clean
-        predictions, the labels of its search)."""
-        return n_inputs
-
     def uap(self) -> torch.Tensor:
         return self.v.detach().cpu().clone()
 
@@ -191,10 +186,7 @@ class UAP(pl.LightningModule):
                               f"score-based acceptance judges: attack/acceptance=if_score_improves")
         self.dataset = indexed(images, labels)
         self.victim.queries = 0
-        if self.victim.max_queries is not None and self.victim.max_queries < self.min_queries(len(labels)):
-            raise ConfigError(f"attack.max_queries={self.victim.max_queries}: less than one pass over the "
-                              f"{len(labels)} input images (their clean predictions); expected >= "
-                              f"{self.min_queries(len(labels))}")
+        check_budget_pays_one_pass(self.victim.max_queries, len(labels))
         self.out_of_queries = False
         batch_size = self.batch_size or len(labels)
         self.candidates = [project(c.reshape(1, *self.v.shape), self.eps, self.norm)[0] for c in candidates]
@@ -284,7 +276,8 @@ class UAP(pl.LightningModule):
         if self.start == 0:
             # a fixed-order loader for whole-set predictions (leaves the shuffling generator untouched)
             self.eval_loader = DataLoader(self.dataset, batch_size=precision.eval_batch(self.device))
-            self.probs = torch.zeros(len(self.dataset), len(self.classes), device=self.device)
+            self.probs = (torch.zeros(len(self.dataset), len(self.classes), device=self.device) if self.scoring
+                          else None)
             self.clean_pred = self.predict_all(None)
             self.clock = progress.Stopwatch()
             try:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from pipeline import precision
+from pipeline.errors import ConfigError
 
 
 class OutOfQueries(Exception):
@@ -20,6 +21,14 @@ class OutOfQueries(Exception):
 
 class BlackBoxViolation(RuntimeError):
     """A black-box attack asked the victim for more than probabilities (a bug in the attack, not in the input)."""
+
+
+def check_budget_pays_one_pass(max_queries: int | None, n_inputs: int) -> None:
+    """attack.max_queries must pay for one pass over the input set (its clean predictions, the labels of the
+    search) or the search cannot start."""
+    if max_queries is not None and max_queries < n_inputs:
+        raise ConfigError(f"attack.max_queries={max_queries}: less than one pass over the {n_inputs} input images "
+                          f"(their clean predictions); expected >= {n_inputs}")
 
 
 class Victim:
