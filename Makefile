@@ -22,9 +22,9 @@ WORKERS ?= 2    # `make test`: pytest processes (pytest-xdist), one torch thread
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install the package with its test, bench, cluster and proxy extras
+install:  ## create .venv and install the package with its test, bench, cluster, proxy and dicom extras
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,bench,cluster,proxy]'
+	$(BIN)/pip install -q -e '.[test,bench,cluster,proxy,dicom]'
 	@$(PYTHON) -c "import torch, timm, pytorch_lightning, mlflow, hydra; print('installed: torch', torch.__version__, '| timm', timm.__version__, '| lightning', pytorch_lightning.__version__, '| mlflow', mlflow.__version__)"
 
 lint:  ## ruff (configured in pyproject.toml) over pipeline/ and tests/

@@ -284,8 +284,12 @@ def resolve(cfg) -> dict[str, Mode]:
     device = device_for(cfg)
     m = cfg.model
     table = Path(cfg.paths.cache_dir) / "precision.json" if cfg.get("paths") else None
+    # the head's width does not decide the mode (the table is not keyed by it): data=folder may leave
+    # data.classes null, its classes found in its folders
+    n_classes = len(cfg.data.classes) if cfg.data.get("classes") is not None else 2
+
     def make_net():
-        return build_net(m.arch, len(cfg.data.classes), extra=dict(m.get("extra") or {}))
+        return build_net(m.arch, n_classes, extra=dict(m.get("extra") or {}))
     return {loop: choose(cfg.get("precision", "auto"), m.arch, make_net, loop, batch, int(cfg.data.image_size),
                          device, table)
             for loop, batch in loop_batches(cfg).items()}

@@ -22,6 +22,10 @@ def options(group):
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option, tmp_path):
     extra = ["data.root=/some/where"] if (group, option) == ("data", "covidx") else []
+    if (group, option) == ("data", "folder"):  # its classes are its class folders' names
+        for c in ("normal", "pneumonia"):
+            (tmp_path / "set" / c).mkdir(parents=True)
+        extra = [f"data.root={tmp_path / 'set'}"]
     if (group, option) == ("model", "inception_v3"):
         extra.append("data.image_size=96")
     cfg = make_cfg([f"{group}={option}", *extra], tmp_path)
@@ -76,7 +80,7 @@ def test_console_scripts_are_installed(tmp_path):
 
 def test_cli_help_and_cfg_job(tmp_path):
     out = run_cli(["--help"], tmp_path).stdout
-    assert "uap-cxr" in out and "data: covidx, cxr3, phantom" in out and "+sweep=" in out
+    assert "uap-cxr" in out and "data: covidx, cxr3, folder, phantom" in out and "+sweep=" in out
     job = run_cli(["--cfg", "job", "model=resnet18", "zeta=4"], tmp_path).stdout
     cfg = OmegaConf.create(job)
     assert cfg.model.arch == "resnet18" and cfg.attack.zeta == 4.0

@@ -240,6 +240,13 @@ def write_memo(path: Path | str, memo: dict[str, str]) -> None:
         log.warning("fingerprint memo not written: %s", e)
 
 
+def check_pixel_count(path: Path, width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image of more than `max_pixels` pixels (data.max_pixels), from the size its header gives."""
+    if width * height > max_pixels:
+        raise DataError(f"image {path} is {width}x{height} = {width * height:_} pixels, more than "
+                        f"data.max_pixels={max_pixels:_}: downscale it or raise data.max_pixels")
+
+
 def warn_overlap(what: str, common: set[str]) -> None:
     """Warn when train and test share patients or image files (count and up to 3 examples)."""
     if common:

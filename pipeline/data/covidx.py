@@ -6,24 +6,15 @@ import contextlib
 import logging
 import os
 import posixpath
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import psutil
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data.base import (
-    BYTES_PER_PIXEL,
-    DEFAULT_MAX_PIXELS,
-    CXRDataModule,
-    GrayDataset,
-    warn_overlap,
-)
-from pipeline.errors import ConfigError, DataError
+from pipeline.data.base import DEFAULT_MAX_PIXELS, GrayDataset, warn_overlap
+from pipeline.data.images import ImageFilesDataModule
+from pipeline.errors import DataError
 from pipeline.identity import file_sha256
 
 log = logging.getLogger(__name__)
@@ -89,75 +80,17 @@ def label_lines(path: Path) -> list[str]:
     return lines
 
 
-def to_gray8(im: Image.Image) -> Image.Image:
-    """8-bit grayscale. 16-bit and 32-bit integer images are scaled by their true bit depth, the smallest of
-    8, 10, 12, 14, 16 bits holding their maximum (12-bit exports in 16-bit PNGs are common); float images,
-    and integers outside [0, 65535], by their min-max range. Other modes convert as PIL does."""
-    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
-        return im.convert("L")
-    a = np.nan_to_num(np.asarray(im, dtype=np.float64))
-    lo, hi = float(a.min()), float(a.max())
-    if im.mode != "F" and lo >= 0 and hi < 2 ** 16:
-        lo, hi = 0.0, float(2 ** next(b for b in (8, 10, 12, 14, 16) if hi < 2 ** b) - 1)
-    a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8))
+class CovidxDataModule(ImageFilesDataModule):
+    """A COVIDx-format folder: `train.txt` / `test.txt` and an image folder per split. Images may be PNG, JPEG,
+    TIFF, BMP or DICOM (.dcm, the `dicom` extra)."""
 
-
-def upright(im: Image.Image, path: Path) -> Image.Image:
-    """The image as it is meant to be seen: its EXIF orientation applied (a photo or JPEG stored rotated), so
-    that the top crop removes the top. Unreadable EXIF is warned about and the pixels kept as stored."""
-    try:
-        return ImageOps.exif_transpose(im)
-    except Exception as e:  # noqa: BLE001 - malformed EXIF in an otherwise readable image
-        log.warning("image %s: EXIF orientation unreadable (%s); using the pixels as stored", path, e)
-        return im
-
-
-def load_image(path: Path, crop_top: float, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The paper's preprocessing: grayscale, drop the top `crop_top` of the rows, resize to size x size.
-    An image of more than `max_pixels` pixels is refused from its header, before it is decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is max_pixels
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise DataError(f"image {path} is {w}x{h} = {w * h:_} pixels, more than "
-                                    f"data.max_pixels={max_pixels:_}: downscale it or raise data.max_pixels")
-                im.load()
-                im = to_gray8(upright(im, path))
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image {path} is too large for PIL: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e} (expected a readable PNG/JPEG image)") from None
-    w, h = im.size
-    top = int(round(h * crop_top))
-    if h - top < 2 or w < 2:
-        raise DataError(f"image {path} is too small ({w}x{h}) to crop {crop_top:.3f} of its rows")
-    im = im.crop((0, top, w, h)).resize((size, size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
-
-
-class CovidxDataModule(CXRDataModule):
-    """A COVIDx-format folder: `train.txt` / `test.txt` and an image folder per split."""
+    ROOT_EXPECTED = "the path of a COVIDx-format folder, e.g. data.root=../shared/data/cxr3"
 
     def __init__(self, root: str, train_file: str = "train.txt", test_file: str = "test.txt",
                  train_dir: str = "train", test_dir: str = "test", crop_top: float = 1 / 6,
                  max_pixels: int = DEFAULT_MAX_PIXELS, **kw):
-        super().__init__(**kw)
-        if root in (None, "", "???"):
-            raise ConfigError("data.root is not set: expected the path of a COVIDx-format folder, "
-                              "e.g. data.root=../shared/data/cxr3")
-        self.root = Path(root).expanduser()
+        super().__init__(root=root, crop_top=crop_top, max_pixels=max_pixels, **kw)
         self.files = {"train": (train_file, train_dir), "test": (test_file, test_dir)}
-        self.crop_top = float(crop_top)
-        if not 0 <= self.crop_top < 1:
-            raise ConfigError(f"data.crop_top={crop_top}: expected a fraction in [0, 1)")
-        self.max_pixels = int(max_pixels)
-        if self.max_pixels < 1:
-            raise ConfigError(f"data.max_pixels={max_pixels}: expected an integer >= 1")
 
     def check_root(self) -> None:
         """data.root must be an existing folder."""
@@ -201,19 +134,8 @@ class CovidxDataModule(CXRDataModule):
         return paths
 
     def load_split(self, records: list[Record], paths: list[Path]) -> GrayDataset:
-        imgs = np.empty((len(records), 1, self.image_size, self.image_size), dtype=np.uint8)
-        for i, path in enumerate(paths):
-            imgs[i, 0] = load_image(path, self.crop_top, self.image_size, self.max_pixels)
         labels = torch.tensor([r.label for r in records])
-        return GrayDataset(torch.from_numpy(imgs), labels, [r.patient for r in records])
-
-    def check_memory(self, n_images: int) -> None:
-        """Refuse a data set whose images (uint8 store plus the attack's float copy) would not fit in memory."""
-        need, avail = n_images * self.image_size ** 2 * BYTES_PER_PIXEL, psutil.virtual_memory().available
-        if need > avail:
-            raise ConfigError(f"data.image_size={self.image_size}: {n_images} images need about "
-                              f"{need / 2 ** 30:.1f} GiB of memory, only {avail / 2 ** 30:.1f} GiB is available: "
-                              "lower data.image_size")
+        return GrayDataset(self.read_images(paths), labels, [r.patient for r in records])
 
     def load_splits(self):
         self.check_root()

@@ -19,13 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.base import GrayDataset
-from pipeline.data.covidx import load_image
+from pipeline.data.images import IMAGE_SUFFIXES, load_image
 from pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("train", "folder", "natural", "noise")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # the scikit-image sample images bundled with its wheel (others are downloaded on first use: not here)
 NATURAL = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
            "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "text", "cell")
