@@ -12,9 +12,10 @@ from omegaconf import DictConfig, open_dict
 
 from pipeline import CONF
 from pipeline.attack import new_attack
-from pipeline.data import MAX_IMAGE_SIZE
+from pipeline.data import MAX_IMAGE_SIZE, configured_classes
 from pipeline.data.proxy import SOURCES, folder_files
 from pipeline.errors import ConfigError
+from pipeline.eval import transforms
 from pipeline.precision import parse
 
 
@@ -22,7 +23,7 @@ def validate(cfg: DictConfig) -> None:
     """Every group of a composed config (the task itself is checked by pipeline.tasks.run)."""
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed!r}: expected an integer in [0, 2**32)")
-    classes = list(cfg.data.classes)
+    classes = configured_classes(cfg.data)  # data=folder with data.classes null: its class folders
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise ConfigError(f"data.classes={classes}: expected at least 2 distinct class names")
     size, min_size = cfg.data.image_size, cfg.model.get("min_image_size", 32)
@@ -67,7 +68,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("attack.surrogate_model / attack.surrogate_seed: a transferred UAP is made white-box on the "
                           "surrogate; attack.black_box=true queries the victim itself: set one or the other")
     # every attack key, the parts' too, checked by the classes that use them (whatever the task: one schema)
-    new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), list(cfg.data.classes))
+    new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), classes,
+               transform=transforms.build(cfg.get("transform")))  # the transform's own keys too
     if cfg.get("defense"):
         check_defense(cfg.defense)
     check_precision(cfg)
@@ -88,6 +90,20 @@ def check_precision(cfg: DictConfig) -> None:
 
 
 def check_defense(d: DictConfig) -> None:
+    method = d.get("method", "uap_finetune")
+    if method not in ("uap_finetune", "uat"):
+        raise ConfigError(f"defense.method={method!r}: expected uap_finetune or uat (defense=uap_finetune|uat)")
+    if method == "uat" and not 0 < float(d.step) <= 1:
+        raise ConfigError(f"defense.step={d.step}: expected a share of eps in (0, 1]")
+    bb = d.get("black_box_attack")
+    if bb:
+        try:
+            compose_group("attack", str(bb))
+        except ConfigError as e:
+            raise ConfigError(f"defense.black_box_attack: {e}") from None
+        q = d.get("black_box_queries")
+        if q is not None and (not isinstance(q, int) or q < 1):
+            raise ConfigError(f"defense.black_box_queries={q}: expected null or an integer >= 1")
     if not isinstance(d.rounds, int) or d.rounds < 1:
         raise ConfigError(f"defense.rounds={d.rounds}: expected an integer >= 1")
     if not isinstance(d.epochs, int) or d.epochs < 1:

@@ -102,19 +102,26 @@ def plot_examples(images: torch.Tensor, uap: torch.Tensor, labels, clean_pred, a
     return _save(examples_figure(images, uap, labels, clean_pred, adv_pred, classes, clip, n, title), path)
 
 
-def plot_defense(history: list[dict], key: str, path: Path) -> Path:
-    """Clean accuracy and FR / TSR of the previous and of a fresh UAP vs the fine-tuning round."""
+def plot_defense(history: list[dict], key: str, path: Path, stage: str = "fine-tuning round") -> Path:
+    """Clean accuracy and FR / TSR of a fresh UAP, of the UAP the stage trained against, of the undefended
+    model's UAP (and of a fresh black-box UAP, when measured) vs the defense's stage."""
     r = [h["round"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(r, [h["defense_acc_clean"] for h in history], "o-", label="clean accuracy")
     ax.plot(r, [h[f"defense_{key}_fresh"] for h in history], "s-", label=f"{key.upper()} of a fresh UAP")
-    ax.plot(r[1:], [h[f"defense_{key}_prev"] for h in history][1:], "^--", label=f"{key.upper()} of the round's UAP")
-    ax.set_xlabel("fine-tuning round")
+    ax.plot(r[1:], [h[f"defense_{key}_prev"] for h in history][1:], "^--",
+            label=f"{key.upper()} of the UAP trained against")
+    ax.plot(r, [h[f"defense_{key}_undefended"] for h in history], "v:",
+            label=f"{key.upper()} of the undefended model's UAP")
+    if f"defense_{key}_black_box" in history[0]:
+        ax.plot(r, [h[f"defense_{key}_black_box"] for h in history], "d-.",
+                label=f"{key.upper()} of a fresh black-box UAP")
+    ax.set_xlabel(stage)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xticks(r)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("UAP adversarial fine-tuning (test)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.set_title("defense against UAPs (test)", fontsize=9)
     return _save(fig, path)
 
 

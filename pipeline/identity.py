@@ -28,7 +28,9 @@ DISPLAY_LEAVES = {"num_workers", "enable_progress_bar", "log_every_n_steps", "en
 # training images): left out of every identity at that value, so that earlier cache entries and finished jobs
 # keep their keys; any other value defines the result like any key
 NEUTRAL = {"attack.black_box": False, "attack.max_queries": None, "attack.input_source": "train",
-           "attack.input_root": None, "attack.surrogate_model": None, "attack.surrogate_seed": None}
+           "attack.input_root": None, "attack.surrogate_model": None, "attack.surrogate_seed": None,
+           "attack.adaptive": False, "transform": {}, "defense.method": "uap_finetune",
+           "defense.black_box_attack": None, "defense.black_box_queries": 10000}
 # top-level sections read by one task only: another task's result does not depend on them
 TASK_SECTIONS = {"defense": "defense", "min_zeta": "min_zeta", "transfer": "transfer"}
 
@@ -144,6 +146,7 @@ def job_hash(cfg: DictConfig, dm=None) -> str:
     training and of the searches, and the precision modes the loops use (auto's choice on this device)."""
     task = str(cfg.get("task", "attack"))
     container = {k: config_part(cfg, k) for k in cfg if not is_display(str(k)) and read_by(str(k), task)}
+    container = {k: v for k, v in container.items() if not is_neutral(str(k), v)}
     container.update(classifier_version=CLASSIFIER_VERSION, uap_version=UAP_VERSION,
                      data_fingerprint=data_key(cfg, dm), precision_modes=precision.describe(precision.resolve(cfg)))
     return digest(container)
@@ -156,6 +159,8 @@ def uap_key(cfg: DictConfig, eps: float, net, inputs, device) -> str:
     attack = config_part(cfg, "attack")
     for k in ("uap_file", "project_uap_file"):
         attack.pop(k, None)
+    if attack.get("adaptive"):  # searched through the hospital's pipeline: the transform defines it too
+        attack["transform"] = config_part(cfg, "transform")
     return digest({"weights": tensors_digest(net.state_dict().values()),
                    "inputs": tensors_digest([inputs.images, inputs.labels]), "attack": attack, "eps": f"{eps:.10g}",
                    "seed": cfg.seed, "device": torch.device(device).type,

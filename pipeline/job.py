@@ -213,8 +213,14 @@ def summary(cfg: DictConfig, m: dict, classes, modes: dict | None = None) -> str
         key = "tsr" if targeted else "fr"
         lines.append(f"{'split':<6} {'n':>5} {'acc clean':>9} {'acc UAP':>8} {key.upper() + ' UAP':>8} "
                      f"{'(95% interval)':>15} {key.upper() + ' random':>11}")
-        for s in ("train", "test"):
+        for s, label in (("train", "train"), ("test", "test"), ("transform_test", "test*")):
+            if f"{s}_{key}" not in m:
+                continue
             lo, hi = wilson(m[f"{s}_{key}"], m[f"{s}_n"])
-            lines.append(f"{s:<6} {m[f'{s}_n']:>5.0f} {m[f'{s}_acc_clean']:>9.3f} {m[f'{s}_acc_uap']:>8.3f} "
+            lines.append(f"{label:<6} {m[f'{s}_n']:>5.0f} {m[f'{s}_acc_clean']:>9.3f} {m[f'{s}_acc_uap']:>8.3f} "
                          f"{m[f'{s}_{key}']:>8.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} {m[f'{s}_{key}_random']:>11.3f}")
+        if "transform_test_n" in m:
+            how = "; the search went through it too (attack.adaptive)" if a.get("adaptive") else ""
+            lines.append(f"test*: the test images through transform={','.join(cfg.transform)} (clean, UAP and random "
+                         f"alike){how}")
     return "\n".join(lines)

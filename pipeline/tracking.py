@@ -369,6 +369,11 @@ def run_metrics(run_id: str) -> dict[str, float]:
     return flat_metrics(mlflow.get_run(run_id).data.metrics)
 
 
+# flat metric names `<group>_<rest>` shown in MLflow as `<group>/<rest>` (transform: the test split seen through
+# the hospital's pipeline, `transform_test_fr` -> `transform/test_fr`)
+GROUPED = ("train", "test", "defense", "probe", "transform")
+
+
 def mlflow_key(flat: str) -> str:
     """`test_fr` -> `test/fr`, `test_acc` -> `classifier/test_acc`, `uap_seconds` -> `uap/seconds`,
     `defense_acc_clean` -> `defense/acc_clean`; a name already grouped is kept."""
@@ -379,7 +384,7 @@ def mlflow_key(flat: str) -> str:
     if CLASSIFIER.fullmatch(flat):
         return f"classifier/{flat}"
     group, _, rest = flat.partition("_")
-    if group in ("train", "test", "defense", "probe") and rest:
+    if group in GROUPED and rest:
         return f"{group}/{rest}"
     if flat.startswith("min_zeta"):
         return f"min_zeta/{flat[len('min_zeta_'):] or 'zeta'}"
@@ -397,7 +402,7 @@ def flat_key(name: str) -> str:
         return rest
     if group == "min_zeta":
         return "min_zeta" if rest == "zeta" else f"min_zeta_{rest}"
-    return f"{group}_{rest}" if group in ("train", "test", "defense", "probe") else name  # fit/...: Lightning's
+    return f"{group}_{rest}" if group in GROUPED else name  # fit/...: Lightning's
 
 
 def model_name(run) -> str:

@@ -147,8 +147,12 @@ def test_keys_added_later_at_their_neutral_value_leave_earlier_identities_unchan
     older = copy.deepcopy(cfg)
     with open_dict(older):
         for key in identity.NEUTRAL:
-            del older.attack[key.split(".", 1)[1]]
+            node, _, leaf = key.rpartition(".")
+            del (older[node] if node else older)[leaf]
     assert identity.job_hash(older) == identity.job_hash(cfg)
+    as_defense = [with_leaf(c, "task", "defense") for c in (older, cfg)]  # the defense section read too
+    assert identity.job_hash(as_defense[0]) == identity.job_hash(as_defense[1])
     assert identity.config_part(older, "attack") == identity.config_part(cfg, "attack")
-    for key, value in [("attack.input_source", "noise"), ("attack.max_queries", 1000), ("attack.black_box", True)]:
+    for key, value in [("attack.input_source", "noise"), ("attack.max_queries", 1000), ("attack.black_box", True),
+                       ("attack.adaptive", True)]:
         assert identity.job_hash(with_leaf(cfg, key, value)) != identity.job_hash(cfg), key

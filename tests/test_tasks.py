@@ -5,8 +5,12 @@ import shutil
 import mlflow
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import FAST, mlflow_runs, run_cli
 
+from pipeline.attack import lp_norms
+from pipeline.tasks.defense import UniversalAdversarialTraining
 from pipeline.tracking import mlflow_key
 
 ATTACK = ["attack=sgd_uap", "attack.max_iter=3", "zeta=4"]
@@ -46,6 +50,35 @@ def test_defense_disarms_the_uap_it_trains_against_and_keeps_accuracy(cache, tmp
     assert acc[2] >= acc[0] - 0.05, acc
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
     assert {"defense.png", "defense_classifier.pt"} <= names
+
+
+def test_uat_moves_its_shared_perturbation_up_the_loss_inside_the_ball():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    x, y = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 3)
+    for norm, eps in (("linf", 0.05), ("l2", 0.5)):
+        uat = UniversalAdversarialTraining(torch.zeros(1, 8, 8), 1.0, False, False, eps, norm, step=0.5)
+        batch = (x.clone(), y)
+        uat.on_train_batch_start(None, net, batch, 0)
+        F.cross_entropy(net(batch[0]), y).backward()  # the training step's one backward pass
+        uat.on_before_optimizer_step(None, net, None)
+        with torch.no_grad():
+            assert F.cross_entropy(net(x + uat.uap), y) > F.cross_entropy(net(x), y), norm
+        assert lp_norms(uat.uap[None], norm).item() <= eps * (1 + 1e-5) and uat.uap.abs().sum() > 0, norm
+
+
+def test_uat_defends_against_the_undefended_models_uap_measured_per_epoch(cache, tmp_path):
+    """Universal adversarial training, measured every 2 epochs: the UAP made against the undefended model
+    fools fewer test images after it; every measure is logged at its epoch, the black-box attacker's too."""
+    with_cache(cache, tmp_path)
+    run_cli([*FAST, *ATTACK, "task=defense", "defense=uat", "defense.rounds=2", "defense.epochs=2",
+             "defense.black_box_attack=nes_uap", "defense.black_box_queries=2000"], tmp_path)
+    run = mlflow_runs(tmp_path).iloc[0]
+    undefended = history(run["run_id"], "defense_fr_undefended")
+    for key in ("defense_acc_clean", "defense_fr_fresh", "defense_fr_prev", "defense_fr_black_box"):
+        assert sorted(history(run["run_id"], key)) == [0, 2, 4], key
+    assert sorted(undefended) == [0, 2, 4]
+    assert undefended[4] < undefended[0] - 0.1, undefended
+    assert history(run["run_id"], "defense_fr_fresh")[0] == undefended[0]  # stage 0: the same UAP
 
 
 def test_transfer_matrix_shape_range_and_white_box_diagonal(cache, tmp_path):

@@ -32,6 +32,7 @@ from pipeline.cache import Cache
 from pipeline.data import CXRDataModule, GrayDataset
 from pipeline.data.proxy import folder_files, proxy_set
 from pipeline.errors import ConfigError
+from pipeline.eval import transforms
 from pipeline.identity import uap_key
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,11 @@ def check_queries(cfg: DictConfig, dm: CXRDataModule) -> None:
 def build_attack(cfg: DictConfig, dm: CXRDataModule, net) -> tuple[UAP, GrayDataset]:
     """The configured attack against `net`, with eps set from its input set; and that input set."""
     inputs = input_set(cfg, dm)
-    atk = new_attack(cfg.attack, net, dm.image_size, dm.classes)
+    # adaptive: the UAP that fools the most input images through the transform is returned (keep: best), the
+    # non-adaptive one among the candidates (make_uap), so the attacker who knows the pipeline is never weaker
+    adaptive = {"keep": "best"} if cfg.attack.get("adaptive") else {}
+    atk = new_attack(cfg.attack, net, dm.image_size, dm.classes, transform=transforms.build(cfg.get("transform")),
+                     **adaptive)
     atk.eps = zeta_to_eps(eps_images(cfg, dm), atk.zeta, atk.norm)
     atk.n_inputs = len(inputs)
     return atk, inputs
@@ -126,8 +131,9 @@ def make_uap(cfg: DictConfig, dm: CXRDataModule, net, device) -> tuple[UAP, torc
     atk, inputs = build_attack(cfg, dm, net)
     x_in, y_in = inputs.tensors()
     if not cfg.attack.get("warm_start"):
+        candidates = adaptive_candidates(cfg, dm, net, device)
         t0 = time.perf_counter()
-        uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kwargs(cfg, device), seed=cfg.seed)
+        uap = atk.make(x_in, y_in, trainer_kwargs=trainer_kwargs(cfg, device), seed=cfg.seed, candidates=candidates)
         return atk, uap, time.perf_counter() - t0
     with Cache(cfg.paths.cache_dir, "uaps").claim(uap_key(cfg, atk.eps, net, inputs, device)) as entry:
         cached = read_entry(entry, atk)
@@ -148,7 +154,7 @@ def warm_candidates(cfg: DictConfig, dm: CXRDataModule, net, device, atk: UAP) -
     ws = cfg.attack.warm_start
     zetas = [float(z) for z in ws.get("zetas") or []]
     below = [z for z in zetas if z < atk.zeta - 1e-9]
-    out = []
+    out = adaptive_candidates(cfg, dm, net, device)
     if below:
         prev = max(below)
         log.info("warm start: the UAP at zeta=%g%% (made first if not cached)", prev)
@@ -158,6 +164,15 @@ def warm_candidates(cfg: DictConfig, dm: CXRDataModule, net, device, atk: UAP) -
             log.info("warm start: the targeted UAP to %s at zeta=%g%% (made first if not cached)", c, atk.zeta)
             out.append(make_uap(with_attack(cfg, target=c), dm, net, device)[1])
     return out
+
+
+def adaptive_candidates(cfg: DictConfig, dm: CXRDataModule, net, device) -> list[torch.Tensor]:
+    """For an adaptive attack (`attack.adaptive`), the same attack's UAP made without the transform: the search
+    through the transform weighs it (exact rate through the transform) and returns it when it fools more."""
+    if not cfg.attack.get("adaptive"):
+        return []
+    log.info("adaptive attack: the UAP made without the transform is a candidate (made first)")
+    return [make_uap(with_attack(cfg, adaptive=False), dm, net, device)[1]]
 
 
 def read_entry(entry: Path, atk: UAP) -> tuple[torch.Tensor, float] | None:

@@ -77,7 +77,7 @@ class UAP(pl.LightningModule):
                  skip_fooled: bool = False, keep: str = "last", restarts: int = 0,
                  restart_objectives: Sequence | None = None, start_at_candidate: bool = False,
                  exact_fr: bool = False, black_box: bool = False, max_queries: int | None = None,
-                 augment: dict | None = None, name: str | None = None):
+                 augment: dict | None = None, adaptive: bool = False, transform=None, name: str | None = None):
         super().__init__()
         self.classes = list(classes)
         self.norm = check_norm(norm)
@@ -96,6 +96,10 @@ class UAP(pl.LightningModule):
             raise ConfigError(f"attack.step_rule={type(step_rule).__name__} needs the victim's gradients, which "
                               f"attack.black_box=true does not give: choose a gradient-free step rule "
                               f"(attack=simba_uap, attack=nes_uap) or attack.black_box=false")
+        if adaptive and not transform:
+            raise ConfigError("attack.adaptive=true puts the evaluation's transform inside the attack, but "
+                              "transform=none: choose one (transform=jpeg, transform=[resize,jpeg]) or "
+                              "attack.adaptive=false")
         if target is not None and target not in self.classes:
             raise ConfigError(f"attack.target={target!r}: expected null (non-targeted) or one of {self.classes}")
         if keep not in KEEP:
@@ -118,7 +122,9 @@ class UAP(pl.LightningModule):
         self.exact_fr, self.augment = bool(exact_fr), dict(augment) if augment else None
         self.n_inputs = 0  # set by pipeline.attack.build.build_attack
         self.black_box = bool(black_box)
-        self.victim = Victim(classifier, self.black_box, max_queries)
+        # adaptive: the attacker knows the hospital's pipeline and attacks through it (pipeline.eval.transforms)
+        self.adaptive = bool(adaptive)
+        self.victim = Victim(classifier, self.black_box, max_queries, transform if self.adaptive else None)
         self.v = nn.Parameter(torch.zeros(1, image_size, image_size))
         self.classifier = classifier.eval()
         self.classifier.requires_grad_(False)

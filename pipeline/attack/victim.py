@@ -4,7 +4,9 @@ attacker gets probabilities only.
 A white-box search calls `logits` (gradients to the input allowed); every attack calls `probabilities` and
 `predict`. With `black_box=True`, `logits` is refused and so is any input that carries a gradient, so a
 black-box attack cannot use more than it is given by mistake. With `max_queries`, a call that would forward more
-images than are left raises `OutOfQueries` before it runs: the count never passes the budget.
+images than are left raises `OutOfQueries` before it runs: the count never passes the budget. With a `transform`
+(an adaptive attacker, `attack.adaptive`), every image passes through it before the network, with fresh draws of
+its random parameters at every call and straight-through gradients where it has none (pipeline.eval.transforms).
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ def check_budget_pays_one_pass(max_queries: int | None, n_inputs: int) -> None:
 
 
 class Victim:
-    def __init__(self, net: nn.Module, black_box: bool = False, max_queries: int | None = None):
+    def __init__(self, net: nn.Module, black_box: bool = False, max_queries: int | None = None, transform=None):
         self.net, self.black_box, self.max_queries = net, bool(black_box), max_queries
+        self.transform = transform or None
         self.queries = 0
 
     def left(self) -> float:
@@ -53,22 +56,25 @@ class Victim:
         if self.black_box:
             raise BlackBoxViolation("a black-box attack asked for the victim's logits (and their gradients)")
         self._count(x)
-        return precision.logits(self.net, x, precision.mode_of(self.net, "attack"))
+        return precision.logits(self.net, self.piped(x), precision.mode_of(self.net, "attack"))
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """What a scoring interface returns: class probabilities (B, C), no gradient."""
         self._refuse_gradients(x)
         self._count(x)
-        return precision.logits(self.net, x.detach(), precision.mode_of(self.net, "eval")).softmax(1)
+        return precision.logits(self.net, self.piped(x.detach()), precision.mode_of(self.net, "eval")).softmax(1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted classes (B,), as the evaluation predicts them (bf16 close calls rechecked in fp32)."""
         self._refuse_gradients(x)
         self._count(x)
-        return precision.predicted(self.net, x.detach(), precision.mode_of(self.net, "eval"),
+        return precision.predicted(self.net, self.piped(x.detach()), precision.mode_of(self.net, "eval"),
                                    precision.recheck_of(self.net))
+
+    def piped(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.transform is None else self.transform(x)
 
     def _refuse_gradients(self, x: torch.Tensor) -> None:
         if self.black_box and x.requires_grad:

@@ -15,8 +15,11 @@ from pipeline.attack.build import build_attack, input_set, load_saved_uap, make_
 from pipeline.classifier import data_for, train_or_load
 from pipeline.config import surrogate_config
 from pipeline.data import CXRDataModule
+from pipeline.eval import transforms
 from pipeline.eval.metrics import accuracy, attack_metrics, class_metrics, confusion, fooling_rate, success_rate
 from pipeline.eval.predictions import predict
+
+TRANSFORMED = "transform_test"  # the metrics' prefix for the test split seen through `transform`
 
 
 @dataclass
@@ -81,6 +84,13 @@ def evaluate_uap(cfg: DictConfig, dm: CXRDataModule, net, out: Path, device) -> 
         preds[split] = predict(net, ds, {"clean": None, "uap": uap, "random": rnd}, clip=atk.clip, device=device)
         metrics.update(attack_metrics(split, ds.labels, preds[split], dm.classes, atk.target))
     metrics.update(input_metrics(cfg, dm, net, uap, atk, preds["train"], device))
+    pipe = transforms.build(cfg.get("transform"))
+    if pipe:  # the test split again through the hospital's pipeline: what of the UAP survives it
+        test = dm.dataset("test")
+        p = predict(net, test, {"clean": None, "uap": uap, "random": rnd}, clip=atk.clip, device=device,
+                    transform=pipe, seed=cfg.seed)
+        metrics.update(attack_metrics(TRANSFORMED, test.labels, p, dm.classes, atk.target))
+        results.params["transform"] = str(pipe)
     title = (f"{'targeted ' + atk.target_name if atk.targeted else 'non-targeted'} UAP, {atk.norm}, "
              f"zeta={atk.zeta:g}% (eps={atk.eps:.4g})")
     made = [uap_file, figures.plot_uap(uap[0].numpy(), out / "uap.png",

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from pipeline import precision
 from pipeline.data import GrayDataset, to_float3
+from pipeline.eval.transforms import Pipeline
 from pipeline.identity import digest, tensors_digest
 from pipeline.precision import eval_batch
 
@@ -19,29 +20,34 @@ CLEAN: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> clean predict
 CLEAN_KEPT = 16
 
 
-def clean_key(net: nn.Module, images: torch.Tensor, mode, recheck: float) -> str:
-    """What the clean predictions depend on: the weights (and buffers), the images, the precision mode."""
+def clean_key(net: nn.Module, images: torch.Tensor, mode, recheck: float, transform: str = "none",
+              seed: int = 0) -> str:
+    """What the clean predictions depend on: the weights (and buffers), the images, the precision mode, the
+    transform the images pass through (and the seed of its draws)."""
     return digest({"net": type(net).__name__, "weights": tensors_digest(net.state_dict().values()),
                    "images": tensors_digest([images]), "shape": list(images.shape), "mode": str(mode),
-                   "recheck": recheck})
+                   "recheck": recheck, **({"transform": transform, "seed": seed} if transform != "none" else {})})
 
 
 @torch.no_grad()
 def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tensor | None],
-            batch_size: int | None = None,
-            clip: bool = False, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+            batch_size: int | None = None, clip: bool = False, device: torch.device | str = "cpu",
+            transform: Pipeline | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Predicted classes of every image of `ds` under each perturbation (None = clean), one forward per batch.
 
     The inputs of all perturbations are stacked into one batch, so a split costs one pass over the data; in the
-    network's evaluation mode (precision.mode_of), with bf16's close calls predicted again in fp32.
+    network's evaluation mode (precision.mode_of), with bf16's close calls predicted again in fp32. With a
+    `transform` (the hospital's pipeline), every input passes through it first, an image and its perturbed
+    copies with the same draws of its random parameters (seeded by `seed` and the batch).
     """
+    transform = transform or None
     batch_size = batch_size or max(1, eval_batch(device) // len(perturbations))
     net = net.eval().to(device)
     mode, recheck = precision.mode_of(net, "eval"), precision.recheck_of(net)
     names = list(perturbations)
     known = {}
     if any(v is None for v in perturbations.values()):
-        key = clean_key(net, ds.images, mode, recheck)
+        key = clean_key(net, ds.images, mode, recheck, str(transform or "none"), seed)
         if key in CLEAN:
             CLEAN.move_to_end(key)
             known = {n: CLEAN[key] for n, v in perturbations.items() if v is None}
@@ -56,7 +62,8 @@ def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tens
         xs = []
         for v in vs:
             xv = x if v is None else x + v
-            xs.append(xv.clamp(0, 1) if (clip and v is not None) else xv)
+            xv = xv.clamp(0, 1) if (clip and v is not None) else xv
+            xs.append(xv if transform is None else transform(xv, seed=seed * 1_000_003 + start))
         preds = precision.predicted(net, torch.cat(xs), mode, recheck).view(len(xs), -1).cpu()
         for n, p in zip(names, preds):
             out[n].append(p)

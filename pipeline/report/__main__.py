@@ -44,7 +44,12 @@ def row_of(run) -> dict:
         "zeta": float(p.get("attack.zeta", "nan")), "eps": m.get("eps"), "metric": key.upper(),
         "train": m.get(f"train_{key}"), "train_random": m.get(f"train_{key}_random"),
         "test": m.get(f"test_{key}"), "test_random": m.get(f"test_{key}_random"),
-        "test_acc_clean": m.get("test_acc_clean"), "passes": m.get("uap_passes"), "seconds": m.get("uap_seconds"),
+        "test_acc_clean": m.get("test_acc_clean"),
+        # the test split through the hospital's pipeline (`transform`), the search through it too when adaptive
+        "transform": p.get("transform"), "adaptive": p.get("attack.adaptive") == "True",
+        "test_t": m.get(f"transform_test_{key}"), "test_t_random": m.get(f"transform_test_{key}_random"),
+        "test_t_acc_clean": m.get("transform_test_acc_clean"),
+        "passes": m.get("uap_passes"), "seconds": m.get("uap_seconds"),
         "queries": m.get("uap_queries"),
         "n_train": m.get("train_n"), "n_test": m.get("test_n"),  # absent in stores before intervals: no interval
         "run_id": run.info.run_id, "run_name": run.info.run_name, "model_arch": p.get("model.arch"),

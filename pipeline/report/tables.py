@@ -171,6 +171,9 @@ def write_tables(rows: list[dict], out: Path, zeta: float = 2.0) -> tuple[Path, 
                  f"(random), zeta closest to {zeta:g} %", shares_table(rows, zeta, cols)),
                 ("Threat models: non-targeted test FR by what the attacker has (the training images or other "
                  "images, a surrogate, only the victim's scores)", threat_table(rows)),
+                ("The hospital's pipeline: test FR (TSR) without and through each transform, of the UAP made "
+                 "without it and of an adaptive one made through it; the random control and clean accuracy through it",
+                 transform_table(rows)),
                 ("Across seeds: mean ± sd (sample standard deviation) over the seeds of each cell",
                  seeds_table(rows, cols)),
                 ("Where the time went: the runs' wall time per model, of which classifier training and UAP "
@@ -238,6 +241,32 @@ def threat_table(rows: list[dict]) -> str:
         body.append(line)
     head = ["attacker", *(f"{m} · {NORM_NAMES.get(n, n)} {z:g} %" for m, n, z in cols)]
     return md_table(head, body)
+
+
+def transform_table(rows: list[dict]) -> str:
+    """Per transform, model and budget: clean accuracy without / through the transform, the UAP's rate without it
+    and through it (made without it: the non-adaptive attacker; made through it: `attack.adaptive`), and the
+    random control through it; empty unless some run evaluated through a transform."""
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("transform") and r.get("test_t") is not None:
+            c = cells.setdefault((r["transform"], r["model"], r["attack"], r["target"], r["norm"], r["zeta"]), {})
+            c["adaptive" if r["adaptive"] else "plain"] = r
+    body = []
+    for (transform, model, attack, target, norm, zeta), c in sorted(cells.items()):
+        base = c.get("plain") or c["adaptive"]
+        n = base.get("n_test")
+
+        def rate(r, k, n=n):
+            return "" if r is None or r.get(k) is None else f"{r[k]:.3f}{interval(r[k], n)}"
+        body.append([transform, f"{model} · {attack} · {target} · {NORM_NAMES.get(norm, norm)} {zeta:g} %",
+                     f"{base['test_acc_clean']:.3f} -> {base['test_t_acc_clean']:.3f}", rate(c.get("plain"), "test"),
+                     rate(c.get("plain"), "test_t"), rate(c.get("adaptive"), "test_t"), rate(base, "test_t_random")])
+    if not body:
+        return ""
+    return md_table(["transform", "model · attack · target · budget", "clean acc (without -> through)",
+                     "UAP without transform", "UAP through it", "adaptive UAP through it", "random through it"],
+                    body)
 
 
 def time_table(rows: list[dict]) -> str:

@@ -9,7 +9,8 @@ only in its initialisation and data order) the configured UAP is made on it, the
 model: a matrix of test FR (TSR when targeted), rows = source model, columns = evaluated model, the diagonal
 being white-box; plus the random control on each model. Every entry is evaluated on the test split of the run's
 own data (`seed`): a `name@seed` surrogate is trained and attacked on its seed's data, as a single run with that
-seed would be, but measured on the same test images as the others. One MLflow run with the matrix as CSV and heatmap PNG.
+seed would be, but measured on the same test images as the others. One MLflow run with the matrix as CSV and heatmap
+PNG.
 """
 from __future__ import annotations
 
