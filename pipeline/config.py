@@ -70,8 +70,14 @@ def validate(cfg: DictConfig) -> None:
     # every attack key, the parts' too, checked by the classes that use them (whatever the task: one schema)
     new_attack(cfg.attack, torch.nn.Identity(), int(cfg.data.image_size), classes,
                transform=transforms.build(cfg.get("transform")))  # the transform's own keys too
+    task = str(cfg.get("task", "attack"))
+    if (cfg.get("transform") or a.get("adaptive")) and task not in ("attack", "evaluate"):
+        raise ConfigError(f"transform / attack.adaptive: the hospital's pipeline is measured by task=attack and "
+                          f"task=evaluate; task={task} measures without it: leave transform=none")
     if cfg.get("defense"):
         check_defense(cfg.defense)
+        if task == "defense":
+            defense_black_box_config(cfg)  # an unknown attack name, named now
     check_precision(cfg)
     busy = cfg.tracking.get("busy_timeout")
     if busy is not None and (not isinstance(busy, (int, float)) or isinstance(busy, bool) or busy <= 0):
@@ -95,12 +101,7 @@ def check_defense(d: DictConfig) -> None:
         raise ConfigError(f"defense.method={method!r}: expected uap_finetune or uat (defense=uap_finetune|uat)")
     if method == "uat" and not 0 < float(d.step) <= 1:
         raise ConfigError(f"defense.step={d.step}: expected a share of eps in (0, 1]")
-    bb = d.get("black_box_attack")
-    if bb:
-        try:
-            compose_group("attack", str(bb))
-        except ConfigError as e:
-            raise ConfigError(f"defense.black_box_attack: {e}") from None
+    if d.get("black_box_attack"):
         q = d.get("black_box_queries")
         if q is not None and (not isinstance(q, int) or q < 1):
             raise ConfigError(f"defense.black_box_queries={q}: expected null or an integer >= 1")
@@ -140,6 +141,26 @@ def surrogate_config(cfg: DictConfig) -> DictConfig | None:
         if seed is not None:
             c.seed = seed
         c.attack.surrogate_model = c.attack.surrogate_seed = None
+    return c
+
+
+def defense_black_box_config(cfg: DictConfig) -> DictConfig | None:
+    """The config of the black-box attacker a defense is also measured against: `defense.black_box_attack` (a
+    conf/attack name, e.g. nes_uap) with its own input set, at the run's norm, zeta and target, with
+    `defense.black_box_queries`; None when unset."""
+    name = cfg.defense.get("black_box_attack") if cfg.get("defense") else None
+    if not name:
+        return None
+    try:
+        attack = compose_group("attack", str(name))
+    except ConfigError as e:
+        raise ConfigError(f"defense.black_box_attack: {e}") from None
+    c = cfg.copy()
+    with open_dict(c):
+        c.attack = attack
+        for k in ("norm", "zeta", "target", "clip"):
+            c.attack[k] = cfg.attack[k]
+        c.attack.max_queries = cfg.defense.get("black_box_queries")
     return c
 
 

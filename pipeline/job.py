@@ -19,9 +19,9 @@ from omegaconf import DictConfig
 from pipeline import files, precision, sweep, tracking
 from pipeline.attack.build import check_queries, load_saved_uap
 from pipeline.classifier import Classifier, load_classifier_file, train_or_load
-from pipeline.config import validate
+from pipeline.config import defense_black_box_config, validate
 from pipeline.data import CXRDataModule
-from pipeline.errors import instantiate
+from pipeline.errors import ConfigError, instantiate
 from pipeline.eval.measurements import Results, classifier_metrics
 from pipeline.eval.metrics import wilson
 from pipeline.identity import classifier_key, is_display, job_hash
@@ -132,6 +132,12 @@ def run_job(cfg: DictConfig, dm: CXRDataModule, device: torch.device, out: Path,
         if cfg.attack.get("uap_file"):
             load_saved_uap(cfg, dm)  # a bad UAP file fails now, before any training
         check_queries(cfg, dm)  # so does a query budget below one pass over the input set
+        black_box = defense_black_box_config(cfg) if cfg.get("task") == "defense" else None
+        if black_box is not None:  # and the defense's black-box attacker's
+            try:
+                check_queries(black_box, dm)
+            except ConfigError as e:
+                raise ConfigError(f"defense.black_box_queries ({e})") from None
         model, meta = loaded or train_or_load(cfg, dm, callbacks=[tracking.TrainingCurves()])
         tracking.set_tags({"classifier_cache": meta.get("source") or ("hit" if meta["cache_hit"] else "trained"),
                            "classifier_path": meta["path"]})

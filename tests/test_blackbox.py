@@ -124,6 +124,18 @@ def test_simba_uap_queries_exactly_its_input_set_twice_per_step_and_stops_at_max
     assert atk.queries == 50 + 2 * 50 * 9 and atk.passes == 9  # a tenth step would pass 1,000
 
 
+def test_a_score_based_search_weighs_candidates_and_still_scores_its_own_steps_from_the_clean_images(phantom_model):
+    """Weighing a candidate queries the victim; the search's first scores must stay the clean images' (an
+    adaptive attack always has one: the UAP made without the transform), or every step near 0 looks worse."""
+    cfg, dm, model = phantom_model
+    _, inputs, strong = attack_on(phantom_model, "simba_uap", "attack.max_iter=5", "attack.input_limit=50")
+    c = make_cfg(["attack=simba_uap", "zeta=4", "attack.max_iter=5", "attack.input_limit=50"])
+    atk, _ = build_attack(c, dm, model.net)
+    x, y = inputs.tensors()
+    v = atk.make(x, y, trainer_kwargs={"enable_progress_bar": False}, seed=0, candidates=[strong * 1.0])
+    assert v.abs().sum() > 0  # steps were accepted: the search moved from 0
+
+
 def test_nes_uap_fools_more_than_its_random_control_within_its_budget(phantom_model):
     _, dm, model = phantom_model
     atk, _, v = attack_on(phantom_model, "nes_uap", "attack.max_queries=20000")

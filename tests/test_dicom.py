@@ -121,6 +121,43 @@ def test_a_window_maps_as_specified_the_first_of_several(tmp_path):
     assert np.allclose(read_dicom(f), (4095 - s) / 4095)
 
 
+def test_a_window_or_lut_that_cannot_be_applied_is_an_error_naming_the_file_and_the_step(tmp_path):
+    s = np.arange(64).reshape(8, 8)
+    f = write_dicom(tmp_path / "w0.dcm", s, 12, WindowCenter=2048.0, WindowWidth=0.0)
+    with pytest.raises(DataError, match=rf"DICOM {re.escape(str(f))}: cannot apply the window \(WindowCenter=2048.0, "
+                                        r"WindowWidth=0.0, VOILUTFunction=LINEAR\): ValueError: .*Window Width"):
+        load_image(f, 0.0, 8)
+    f = write_dicom(tmp_path / "exact.dcm", s, 12, WindowCenter=2048.0, WindowWidth=0.0, VOILUTFunction="LINEAR_EXACT")
+    with pytest.raises(DataError, match=r"exact.dcm: cannot apply the window \(.*VOILUTFunction=LINEAR_EXACT\)"):
+        read_dicom(f)
+    assert read_dicom(write_dicom(tmp_path / "half.dcm", s, 12, WindowCenter=2048.0, WindowWidth=0.5,
+                                  VOILUTFunction="LINEAR_EXACT")).shape == (8, 8)  # LINEAR_EXACT takes widths < 1
+    lut = Dataset()  # a modality LUT of 10 entries holding 2
+    lut.add_new(0x00283002, "US", [10, 0, 16])
+    lut.add_new(0x00283006, "US", [1, 2])
+    lut.add_new(0x00283004, "LO", "HU")
+    f = write_dicom(tmp_path / "mlut.dcm", s, 12, ModalityLUTSequence=[lut])
+    with pytest.raises(DataError, match=r"mlut.dcm: cannot apply the modality LUT \(ModalityLUTSequence "
+                                        r"LUTDescriptor=\[10, 0, 16\]\): IndexError"):
+        read_dicom(f)
+    f = write_dicom(tmp_path / "flat.dcm", s, 12, RescaleSlope=0.0, RescaleIntercept=5.0)
+    with pytest.raises(DataError, match=r"flat.dcm: cannot scale its values: their output range is 5 \.\. 5 "
+                                        r"\(RescaleSlope=0.0"):
+        read_dicom(f)
+
+
+def test_presentation_lut_shape_inverse_inverts_once(tmp_path):
+    s = np.arange(64 * 64).reshape(64, 64)
+    plain = read_dicom(write_dicom(tmp_path / "a.dcm", s, 12))
+    assert np.allclose(plain, s / 4095)
+    f = write_dicom(tmp_path / "inv.dcm", s, 12, PresentationLUTShape="INVERSE")
+    assert np.allclose(read_dicom(f), 1 - plain)
+    f = write_dicom(tmp_path / "m1.dcm", s, 12, "MONOCHROME1", PresentationLUTShape="INVERSE")  # as DX files pair them
+    assert np.allclose(read_dicom(f), 1 - plain)
+    f = write_dicom(tmp_path / "id.dcm", s, 12, PresentationLUTShape="IDENTITY")
+    assert np.allclose(read_dicom(f), plain)
+
+
 def test_compressed_dicom_without_a_decoder_is_refused_naming_the_file_and_the_package(tmp_path):
     f = write_dicom(tmp_path / "jls.dcm", np.zeros((16, 16)), 12, syntax=JPEGLSLossless,
                     pixel_data=encapsulate([b"\xff\xd8\xff\xf7" + bytes(32)]))

@@ -136,6 +136,30 @@ def test_patient_pattern_keeps_a_patients_images_on_one_side(cxr3_root, tmp_path
         FolderDataModule(root=str(root), patient_pattern="(")
 
 
+def test_a_patient_with_images_in_two_classes_stays_on_one_side(cxr3_root, tmp_path, caplog):
+    root = class_folders(cxr3_root, tmp_path / "set", per_class=6)  # patients normal0 .. normal5, ...
+    for c, name in (("normal", "shared_a.png"), ("pneumonia", "shared_b.png"), ("pneumonia", "shared_c.png"),
+                    ("pneumonia", "extra1_a.png"), ("pneumonia", "extra2_a.png")):
+        shutil.copy(next((root / c).iterdir()), root / c / name)  # patient `shared`: 1 normal, 2 pneumonia images
+    sides = set()
+    for test_seed in range(8):
+        dm = FolderDataModule(root=str(root), patient_pattern=r"^(\w+?)_", test_fraction=1 / 3, test_seed=test_seed)
+        train, test = dm.split_test(dm.with_patients(dm.listed()))
+        shared = {it.name: it in test for it in train + test if it.patient == "shared"}
+        assert len(shared) == 3 and len(set(shared.values())) == 1, (test_seed, shared)
+        assert not {it.patient for it in train} & {it.patient for it in test}
+        for label in range(3):  # every class on both sides, about a third of it in test (the shared patient's
+            n = sum(it.label == label for it in train + test)  # images may add to a class's share)
+            assert n / 3 <= sum(it.label == label for it in test) <= n / 3 + 2
+            assert any(it.label == label for it in train)
+        sides |= set(shared.values())
+    assert sides == {True, False}  # some seeds put the patient in test, others in train
+    with caplog.at_level(logging.WARNING):
+        dm = module(root, patient_pattern=r"^(\w+?)_", test_seed=1)
+    assert "appear in both train and test" not in caplog.text
+    assert not set(dm.dataset("test").patients) & set(dm.dataset("train").patients + dm.dataset("val").patients)
+
+
 def test_fingerprint_follows_the_files_not_where_they_lie(cxr3_root, tmp_path):
     root = class_folders(cxr3_root, tmp_path / "a", per_class=2)
     first = FolderDataModule(root=str(root)).fingerprint()

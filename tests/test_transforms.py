@@ -81,11 +81,17 @@ def test_transform_configs_compose_in_order_and_bad_values_name_their_key(tmp_pa
         validate(make_cfg(["transform=median", "transform.median.kernel=4"], tmp_path))
     with pytest.raises(ConfigError, match="attack.adaptive=true"):
         validate(make_cfg(["attack.adaptive=true"], tmp_path))
+    for task in ("defense", "transfer", "min_zeta"):  # tasks that measure without the pipeline refuse it
+        with pytest.raises(ConfigError, match=f"task={task} measures without it"):
+            validate(make_cfg(["transform=jpeg", f"task={task}"], tmp_path))
+    with pytest.raises(ConfigError, match="defense.black_box_attack"):
+        validate(make_cfg(["task=defense", "defense.black_box_attack=no_such_attack"], tmp_path))
 
 
 def test_report_table_puts_each_transform_beside_its_adaptive_attack():
-    base = {"model": "tiny", "attack": "sgd_uap", "target": "non-targeted", "norm": "linf", "zeta": 2.0,
-            "n_test": 300, "test_acc_clean": 0.9, "test_t_acc_clean": 0.8, "test": 0.7, "test_t_random": 0.05}
+    base = {"data": "PhantomDataModule", "model": "tiny", "attack": "sgd_uap", "target": "non-targeted",
+            "norm": "linf", "zeta": 2.0, "n_test": 300, "test_acc_clean": 0.9, "test_t_acc_clean": 0.8, "test": 0.7,
+            "test_t_random": 0.05}
     rows = [{**base, "transform": "jpeg(quality=75)", "adaptive": False, "test_t": 0.4},
             {**base, "transform": "jpeg(quality=75)", "adaptive": True, "test_t": 0.6}]
     table = transform_table(rows)

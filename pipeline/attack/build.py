@@ -168,8 +168,10 @@ def warm_candidates(cfg: DictConfig, dm: CXRDataModule, net, device, atk: UAP) -
 
 def adaptive_candidates(cfg: DictConfig, dm: CXRDataModule, net, device) -> list[torch.Tensor]:
     """For an adaptive attack (`attack.adaptive`), the same attack's UAP made without the transform: the search
-    through the transform weighs it (exact rate through the transform) and returns it when it fools more."""
-    if not cfg.attack.get("adaptive"):
+    through the transform weighs it (exact rate through the transform) and returns it when it fools more. Not
+    for an attacker with a query budget (`attack.max_queries`): the budget pays for one search, through the
+    transform."""
+    if not cfg.attack.get("adaptive") or cfg.attack.get("max_queries") is not None:
         return []
     log.info("adaptive attack: the UAP made without the transform is a candidate (made first)")
     return [make_uap(with_attack(cfg, adaptive=False), dm, net, device)[1]]

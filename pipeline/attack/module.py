@@ -285,6 +285,8 @@ class UAP(pl.LightningModule):
             self.probs = (torch.zeros(len(self.dataset), len(self.classes), device=self.device) if self.scoring
                           else None)
             self.clean_pred = self.predict_all(None)
+            # the clean images' probabilities, kept apart: weighing the candidates below overwrites self.probs
+            self.clean_probs = None if self.probs is None else self.probs.clone()
             self.clock = progress.Stopwatch()
             try:
                 for i, c in enumerate(self.candidates):
@@ -304,7 +306,7 @@ class UAP(pl.LightningModule):
         self.start_frs: list[float] = []
         # the score of the current v on each image (U-SimBA's last_probs): valid for the images scored since v
         # last changed; at the start, the clean images' where the search starts at v = 0
-        self.score = self.image_scores(self.probs, self.clean_pred) if self.scoring else None
+        self.score = self.image_scores(self.clean_probs, self.clean_pred) if self.scoring else None
         self.scored = torch.full_like(self.fooled, self.scoring and not self.v.detach().any())
         if self.out_of_queries:
             self.trainer.should_stop = True

@@ -2,7 +2,6 @@
 with lines `patient_id filename class source`, images under the split folders, read and checked up front."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import posixpath
@@ -15,7 +14,6 @@ import torch
 from pipeline.data.base import DEFAULT_MAX_PIXELS, GrayDataset, warn_overlap
 from pipeline.data.images import ImageFilesDataModule
 from pipeline.errors import DataError
-from pipeline.identity import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +90,8 @@ class CovidxDataModule(ImageFilesDataModule):
         super().__init__(root=root, crop_top=crop_top, max_pixels=max_pixels, **kw)
         self.files = {"train": (train_file, train_dir), "test": (test_file, test_dir)}
 
-    def check_root(self) -> None:
-        """data.root must be an existing folder."""
-        expected = f"expected a folder with {self.files['train'][0]} and {self.files['test'][0]}"
-        if not self.root.exists():
-            raise DataError(f"data.root not found: {self.root} ({expected})")
-        if not self.root.is_dir():
-            raise DataError(f"data.root={self.root} is not a folder ({expected})")
+    def root_holds(self) -> str:
+        return f"{self.files['train'][0]} and {self.files['test'][0]}"
 
     def read_split(self, split: str) -> tuple[list[Record], Path]:
         label_file, image_dir = self.files[split]
@@ -157,8 +150,8 @@ class CovidxDataModule(ImageFilesDataModule):
         for label_file, image_dir, records, folder in self.listed_files():
             parts.append((self.root / label_file).read_bytes())  # readable: read_split has decoded it
             for r in records:
-                with self.image_errors(label_file, r, folder):
-                    parts.append(f"{image_dir}/{r.filename} ".encode() + file_sha256(folder / r.filename))
+                parts.append(self.hash_part(f"{image_dir}/{r.filename}", folder / r.filename,
+                                            f"{self.root / label_file}:{r.line}"))
         return parts
 
     def listing_parts(self) -> list[bytes]:
@@ -167,9 +160,8 @@ class CovidxDataModule(ImageFilesDataModule):
         for label_file, image_dir, records, folder in self.listed_files():
             parts.append((self.root / label_file).read_bytes())
             for r in records:
-                with self.image_errors(label_file, r, folder):
-                    st = os.stat(folder / r.filename)
-                parts.append(f"{image_dir}/{r.filename} {st.st_size} {st.st_mtime_ns}".encode())
+                parts.append(self.listing_part(f"{image_dir}/{r.filename}", folder / r.filename,
+                                               f"{self.root / label_file}:{r.line}"))
         return parts
 
     def listed_files(self):
@@ -178,14 +170,3 @@ class CovidxDataModule(ImageFilesDataModule):
         for split, (label_file, image_dir) in self.files.items():
             records, folder = self.read_split(split)
             yield label_file, image_dir, records, folder
-
-    @contextlib.contextmanager
-    def image_errors(self, label_file: str, r: Record, folder: Path):
-        """An image that is missing or cannot be read: a DataError naming its label file and line."""
-        try:
-            yield
-        except FileNotFoundError:
-            raise DataError(f"{self.root / label_file}:{r.line}: image not found: {folder / r.filename}") from None
-        except OSError as e:  # a symlink loop, a name too long, no permission...
-            raise DataError(f"{self.root / label_file}:{r.line}: cannot read image {folder / r.filename}: "
-                            f"{e.strerror or e}") from None

@@ -1,8 +1,10 @@
 """DICOM images (`.dcm`, through pydicom, the `dicom` extra): one grayscale frame to floats in [0, 1], as a viewer
 shows it: the modality LUT (rescale slope / intercept), then the VOI LUT or the first window when the file has
-one, MONOCHROME1 inverted so that bone is bright."""
+one, MONOCHROME1 (or a Presentation LUT Shape of INVERSE) inverted so that bone is bright. A file whose LUTs or
+window cannot be applied (a WindowWidth of 0) is a DataError naming it."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +27,69 @@ def read_dicom(path: Path, max_pixels: int | None = None) -> np.ndarray:
 
     Values pass the modality LUT, then the VOI LUT or the first window (center / width) when present and are
     scaled by the window's output range; without one they are scaled by the stored bit depth (BitsStored, signed
-    when PixelRepresentation is 1) carried through the modality LUT. MONOCHROME1 is inverted (1 - x). A file of
-    more than `max_pixels` pixels (Rows x Columns) is refused before its pixels are decoded."""
+    when PixelRepresentation is 1) carried through the modality LUT. MONOCHROME1, or PresentationLUTShape
+    INVERSE, is inverted (1 - x). A file of more than `max_pixels` pixels (Rows x Columns) is refused before its
+    pixels are decoded; one whose modality LUT, VOI LUT or window cannot be applied is a DataError naming the
+    step and its elements."""
     pydicom = import_pydicom()
     ds = read_header(pydicom, path)
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if max_pixels is not None:
         check_pixel_count(path, cols, rows, max_pixels)
     modality_lut, windowing = lut_functions()
-    a = modality_lut(decode(ds, path), ds)
-    lo, hi = output_range(ds)  # pydicom's windowing maps a window onto lo (below it) .. hi (above it)
+    pixels = decode(ds, path)
+    with lut_errors(path, "modality LUT", modality_elements(ds)):
+        a = modality_lut(pixels, ds)
+        lo, hi = output_range(ds)  # pydicom's windowing maps a window onto lo (below it) .. hi (above it)
     lut = voi_lut_item(ds)
     if lut is not None:
-        a = apply_voi_lut(a, lut, little_endian(ds))
-        lo, hi = 0.0, float(2 ** int(lut.LUTDescriptor[2]) - 1)
+        with lut_errors(path, "VOI LUT", f"LUTDescriptor={lut.get('LUTDescriptor')}"):
+            a = apply_voi_lut(a, lut, little_endian(ds))
+            lo, hi = 0.0, float(2 ** int(lut.LUTDescriptor[2]) - 1)
     elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-        a = windowing(a, ds, index=0)
+        with lut_errors(path, "window", window_elements(ds)):
+            a = windowing(a, ds, index=0)
     else:  # the largest modality value is the brightest, whatever the sign of the slope
         lo, hi = min(lo, hi), max(lo, hi)
+    if hi == lo:
+        raise DataError(f"DICOM {path}: cannot scale its values: their output range is {lo:g} .. {hi:g} "
+                        f"({modality_elements(ds)})")
     x = np.clip((np.asarray(a, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
-    return 1.0 - x if ds.PhotometricInterpretation == "MONOCHROME1" else x
+    return 1.0 - x if inverted(ds) else x
+
+
+def inverted(ds) -> bool:
+    """Whether the lowest value is shown white: MONOCHROME1, or a Presentation LUT Shape of INVERSE (DX files
+    pair the two; either inverts the image once)."""
+    shape = str(ds.get("PresentationLUTShape") or "").strip().upper()
+    return ds.PhotometricInterpretation == "MONOCHROME1" or shape == "INVERSE"
+
+
+@contextlib.contextmanager
+def lut_errors(path: Path, what: str, elements: str):
+    """A modality LUT, VOI LUT or window that cannot be applied (a WindowWidth below 1, a LUT shorter than its
+    descriptor, a value that is not a number): a DataError naming the file, the step and its elements."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom raises ValueError, KeyError, IndexError, TypeError...
+        raise DataError(f"DICOM {path}: cannot apply the {what} ({elements}): {type(e).__name__}: {e}") from None
+
+
+def modality_elements(ds) -> str:
+    """The elements the modality LUT and the output range read, as `name=value` for an error."""
+    if ds.get("ModalityLUTSequence"):
+        return f"ModalityLUTSequence LUTDescriptor={ds.ModalityLUTSequence[0].get('LUTDescriptor')}"
+    names = ("RescaleSlope", "RescaleIntercept", "BitsStored", "PixelRepresentation")
+    return ", ".join(f"{n}={ds.get(n)}" for n in names)
+
+
+def window_elements(ds) -> str:
+    """The elements of the window, as `name=value` for an error."""
+    names = ("WindowCenter", "WindowWidth")
+    found = [f"{n}={ds.get(n)}" for n in names]
+    return ", ".join(found + [f"VOILUTFunction={ds.get('VOILUTFunction') or 'LINEAR'}"])
 
 
 def import_pydicom():

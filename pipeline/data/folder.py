@@ -1,10 +1,10 @@
 """Class-per-subfolder image sets (skin lesions, OCT, a hospital's export sorted by diagnosis): `root/<class>/<image>`,
 or `root/train/<class>/` and `root/test/<class>/` when the root has train/ and test/ folders. Without them the
-test split is drawn from every class's images (data.test_fraction, seeded by data.test_seed). Patients come from
-the file names (data.patient_pattern); where none can be derived, images are split one by one."""
+test split is drawn from every class's images (data.test_fraction, seeded by data.test_seed), whole patients: a
+patient's images, in whatever classes, are all in train or all in test. Patients come from the file names
+(data.patient_pattern); where none can be derived, images are split one by one."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -12,13 +12,13 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.data.base import DEFAULT_MAX_PIXELS, GrayDataset, patient_split, warn_overlap
-from pipeline.data.images import IMAGE_SUFFIXES, ImageFilesDataModule
+from pipeline.data.base import DEFAULT_MAX_PIXELS, GrayDataset, warn_overlap
+from pipeline.data.images import IMAGE_SUFFIXES, ImageFilesDataModule, check_data_root
 from pipeline.errors import ConfigError, DataError
-from pipeline.identity import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,10 @@ def subfolders(folder: Path) -> list[str]:
         raise DataError(f"cannot list {folder}: {e.strerror or e}") from None
 
 
-def check_root(root: Path) -> None:
-    if not root.exists():
-        raise DataError(f"data.root not found: {root} (expected a folder with {LAYOUT})")
-    if not root.is_dir():
-        raise DataError(f"data.root={root} is not a folder (expected a folder with {LAYOUT})")
-
-
 def find_classes(root: Path, classes: list[str] | None = None) -> list[str]:
     """The class names: `classes` when given (its folders must be exactly those present), else the class
     folders' names, sorted. With train/ and test/ folders, both must hold the same class folders."""
-    check_root(root)
+    check_data_root(root, LAYOUT)
     tops = [root / d for d in SPLIT_DIRS] if has_split_dirs(root) else [root]
     found = {top: subfolders(top) for top in tops}
     for top, names in found.items():
@@ -109,6 +102,7 @@ class FolderDataModule(ImageFilesDataModule):
     """A folder of class folders (see the module's docstring). Images may be PNG, JPEG, TIFF, BMP or DICOM."""
 
     ROOT_EXPECTED = f"the path of a folder with {LAYOUT}"
+    ROOT_HOLDS = LAYOUT
 
     def __init__(self, root: str, classes: list[str] | None = None, test_fraction: float = 0.2, test_seed: int = 0,
                  patient_pattern: str | None = None, crop_top: float = 1 / 6, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -117,7 +111,7 @@ class FolderDataModule(ImageFilesDataModule):
         self.test_fraction = float(test_fraction)
         self.test_seed = int(test_seed)
         self.pattern = self.compile_pattern(patient_pattern)
-        check_root(self.root)
+        self.check_root()
         self.split_dirs = has_split_dirs(self.root)
         if not self.split_dirs and not 0 < self.test_fraction < 1:
             raise ConfigError(f"data.test_fraction={test_fraction}: expected a number in (0, 1) ({self.root} has "
@@ -159,18 +153,38 @@ class FolderDataModule(ImageFilesDataModule):
         return [replace(it, patient=i) if i is not None else it for it, i in zip(items, ids)]
 
     def split_test(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
-        """(train, test): data.test_fraction of each class's images to test, whole patients, seeded by
-        data.test_seed (not by the training seed: every seed is measured on the same test images)."""
-        train, test = [], []
+        """(train, test): whole patients to test until data.test_fraction of each class's images is reached, a
+        patient's images in every class with it (a patient is never on both sides), seeded by data.test_seed (not
+        by the training seed: every seed is measured on the same test images).
+
+        Class by class, the patients with images of the class are taken in a seeded order (the sorted ids
+        shuffled by data.test_seed) and go to test, with all their images, until the class's test share is met;
+        images a patient already in test brought from another class count toward it. Where no patient has
+        images in two classes, this is a seeded patient split of each class on its own."""
+        by_patient: dict[str, list[Item]] = {}
+        for it in items:
+            by_patient.setdefault(it.patient, []).append(it)
+        in_test: set[str] = set()
+        count = [0] * len(self.classes)  # test images per class
+        for label in range(len(self.classes)):
+            target = self.test_fraction * sum(it.label == label for it in items)
+            order = sorted({it.patient for it in items if it.label == label})
+            np.random.default_rng(self.test_seed).shuffle(order)
+            for p in order:
+                if count[label] >= target:
+                    break
+                if p not in in_test:
+                    in_test.add(p)
+                    for it in by_patient[p]:
+                        count[it.label] += 1
+        train = [it for it in items if it.patient not in in_test]
+        test = [it for it in items if it.patient in in_test]
         for label, c in enumerate(self.classes):
-            mine = [it for it in items if it.label == label]
-            tr, te = patient_split([it.patient for it in mine], self.test_fraction, self.test_seed)
-            if len(tr) == 0:
+            if not any(it.label == label for it in train):
+                mine = [it for it in items if it.label == label]
                 raise DataError(f"{self.root / c}: data.test_fraction={self.test_fraction:g} leaves none of its "
                                 f"{len(mine)} images ({len({it.patient for it in mine})} patients) for training: "
                                 "lower data.test_fraction or add images of other patients")
-            train += [mine[i] for i in tr]
-            test += [mine[i] for i in te]
         return train, test
 
     def load_splits(self):
@@ -195,27 +209,9 @@ class FolderDataModule(ImageFilesDataModule):
         """The classes in their order, and each image's name (relative to the root) and the hash of its bytes
         (no decoding): a copy of the same files has the same fingerprint wherever it lies."""
         parts = [b"classes " + json.dumps(self.classes).encode()]
-        for it in self.listed():
-            with file_errors(it.path):
-                parts.append(f"{it.name} ".encode() + file_sha256(it.path))
-        return parts
+        return parts + [self.hash_part(it.name, it.path) for it in self.listed()]
 
     def listing_parts(self) -> list[bytes]:
         """The data root, the classes, and each image's name, size and mtime (os.stat)."""
         parts = [str(self.root.resolve()).encode(), b"classes " + json.dumps(self.classes).encode()]
-        for it in self.listed():
-            with file_errors(it.path):
-                st = os.stat(it.path)
-            parts.append(f"{it.name} {st.st_size} {st.st_mtime_ns}".encode())
-        return parts
-
-
-@contextlib.contextmanager
-def file_errors(path: Path):
-    """An image that vanished or cannot be read while it is hashed: a DataError naming it."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except OSError as e:
-        raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
+        return parts + [self.listing_part(it.name, it.path) for it in self.listed()]

@@ -1,9 +1,11 @@
 """Image files under a data root: one file (PNG, JPEG, TIFF, BMP or DICOM) read to the paper's preprocessing, and
 the base of the data modules that read such files (covidx, folder): their root and preprocessing keys, the
-memory check, the uint8 image store."""
+root check, the memory check, the uint8 image store, and the errors of an image hashed or listed."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline.data.base import BYTES_PER_PIXEL, DEFAULT_MAX_PIXELS, CXRDataModule, check_pixel_count
 from pipeline.data.dicom import DICOM_SUFFIX, is_dicom, read_dicom
 from pipeline.errors import ConfigError, DataError
+from pipeline.identity import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +86,34 @@ def load_image(path: Path, crop_top: float, size: int, max_pixels: int = DEFAULT
     return np.asarray(im, dtype=np.uint8)
 
 
+def check_data_root(root: Path, holding: str) -> None:
+    """data.root must be an existing folder; `holding` says what it should hold (`train.txt and test.txt`)."""
+    if not root.exists():
+        raise DataError(f"data.root not found: {root} (expected a folder with {holding})")
+    if not root.is_dir():
+        raise DataError(f"data.root={root} is not a folder (expected a folder with {holding})")
+
+
+@contextlib.contextmanager
+def file_errors(path: Path, where: str = ""):
+    """An image that is missing or cannot be read while it is hashed or listed: a DataError naming it, after
+    `where` (the label file and line that lists it) when given."""
+    prefix = f"{where}: " if where else ""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DataError(f"{prefix}image not found: {path}") from None
+    except OSError as e:  # a symlink loop, a name too long, no permission...
+        raise DataError(f"{prefix}cannot read image {path}: {e.strerror or e}") from None
+
+
 class ImageFilesDataModule(CXRDataModule):
     """The base of the modules that read image files under `data.root`: the root, the preprocessing keys
-    (crop_top, max_pixels), the memory check and the images read into the uint8 store."""
+    (crop_top, max_pixels), the root check, the memory check, the images read into the uint8 store, and the
+    parts of the fingerprint (and of its listing) for each image file."""
 
     ROOT_EXPECTED = "the path of a data folder"  # what data.root should be, said when it is not set
+    ROOT_HOLDS = "the data's images"  # what the data.root folder should hold, said when it is missing
 
     def __init__(self, root: str, crop_top: float = 1 / 6, max_pixels: int = DEFAULT_MAX_PIXELS, **kw):
         super().__init__(**kw)
@@ -100,6 +126,27 @@ class ImageFilesDataModule(CXRDataModule):
         self.max_pixels = int(max_pixels)
         if self.max_pixels < 1:
             raise ConfigError(f"data.max_pixels={max_pixels}: expected an integer >= 1")
+
+    def root_holds(self) -> str:
+        """What the data.root folder should hold, said when it is missing or not a folder."""
+        return self.ROOT_HOLDS
+
+    def check_root(self) -> None:
+        """data.root must be an existing folder."""
+        check_data_root(self.root, self.root_holds())
+
+    @staticmethod
+    def hash_part(name: str, path: Path, where: str = "") -> bytes:
+        """An image's part of the fingerprint: its name and the hash of its bytes (no decoding)."""
+        with file_errors(path, where):
+            return f"{name} ".encode() + file_sha256(path)
+
+    @staticmethod
+    def listing_part(name: str, path: Path, where: str = "") -> bytes:
+        """An image's part of the listing: its name, size and mtime (os.stat)."""
+        with file_errors(path, where):
+            st = os.stat(path)
+        return f"{name} {st.st_size} {st.st_mtime_ns}".encode()
 
     def check_memory(self, n_images: int) -> None:
         """Refuse a data set whose images (uint8 store plus the attack's float copy) would not fit in memory."""

@@ -21,12 +21,13 @@ CLEAN_KEPT = 16
 
 
 def clean_key(net: nn.Module, images: torch.Tensor, mode, recheck: float, transform: str = "none",
-              seed: int = 0) -> str:
+              draws: tuple[int, int] = (0, 0)) -> str:
     """What the clean predictions depend on: the weights (and buffers), the images, the precision mode, the
-    transform the images pass through (and the seed of its draws)."""
+    transform the images pass through (and what its draws depend on: the seed and the batch size)."""
     return digest({"net": type(net).__name__, "weights": tensors_digest(net.state_dict().values()),
                    "images": tensors_digest([images]), "shape": list(images.shape), "mode": str(mode),
-                   "recheck": recheck, **({"transform": transform, "seed": seed} if transform != "none" else {})})
+                   "recheck": recheck, **({"transform": transform, "draws": list(draws)} if transform != "none"
+                                          else {})})
 
 
 @torch.no_grad()
@@ -47,7 +48,7 @@ def predict(net: nn.Module, ds: GrayDataset, perturbations: dict[str, torch.Tens
     names = list(perturbations)
     known = {}
     if any(v is None for v in perturbations.values()):
-        key = clean_key(net, ds.images, mode, recheck, str(transform or "none"), seed)
+        key = clean_key(net, ds.images, mode, recheck, str(transform or "none"), (seed, batch_size))
         if key in CLEAN:
             CLEAN.move_to_end(key)
             known = {n: CLEAN[key] for n, v in perturbations.items() if v is None}

@@ -3,10 +3,11 @@ lossy JPEG, resizing down and back, Gaussian blur, a median filter, fewer grey l
 evaluation (clean, UAP and random control alike), composable as a list (`transform=[resize,jpeg]`, in that
 order).
 
-Each transform maps float images (B, C, H, W) in [0, 1] to the same shape. A parameter given as a range
-`[low, high]` is drawn per image: at evaluation from a generator seeded per batch (`seed`), so that an image and
-its perturbed copies get the same draw and reruns agree; in an adaptive attack (`attack.adaptive`) afresh at
-every call, so the search optimises the expectation over the transform (EOT).
+Each transform maps float images (B, C, H, W) to the same shape; the ones that store the image in 8 or fewer
+bits (JPEG, bit depth) clip it to [0, 1] as a stored image is, the others leave its range as it is. A
+parameter given as a range `[low, high]` is drawn per image: at evaluation from a generator seeded per batch
+(`seed`), so that an image and its perturbed copies get the same draw and reruns agree; in an adaptive attack
+(`attack.adaptive`) afresh at every call, so the search optimises the expectation over the transform (EOT).
 
 The non-differentiable ones (JPEG, bit depth, median) pass the gradient straight through (BPDA: forward the
 transform, backward the identity), so that an adaptive attacker's gradient is not blocked by them: a
@@ -100,7 +101,7 @@ class Resize(Transform):
         h, w = x.shape[-2:]
         out = [F.interpolate(F.interpolate(x[i:i + 1], size=(s, s), mode="area" if s <= h else "bilinear"),
                              size=(h, w), mode="bilinear", align_corners=False) for i, s in enumerate(sizes)]
-        return torch.cat(out).clamp(0, 1)
+        return torch.cat(out)
 
 
 class Blur(Transform):
@@ -140,10 +141,15 @@ class Median(Transform):
 
     @torch.no_grad()
     def apply(self, x, gen):
-        r = self.kernel // 2
+        """On the first channel (the images are grayscale), a few images at a time: unfold holds k x k copies."""
+        r, k = self.kernel // 2, self.kernel
         b, c, h, w = x.shape
-        patches = F.unfold(F.pad(x.detach(), (r, r, r, r), mode="reflect"), self.kernel)
-        return patches.view(b, c, self.kernel ** 2, h * w).median(dim=2).values.view(b, c, h, w)
+        chunk = max(1, 2 ** 24 // (k * k * h * w))
+        out = []
+        for i in range(0, b, chunk):
+            g = F.pad(x[i:i + chunk, :1].detach(), (r, r, r, r), mode="reflect")
+            out.append(F.unfold(g, k).median(dim=1).values.view(-1, 1, h, w))
+        return torch.cat(out).expand(-1, c, -1, -1)
 
 
 class BitDepth(Transform):

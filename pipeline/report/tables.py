@@ -244,27 +244,33 @@ def threat_table(rows: list[dict]) -> str:
 
 
 def transform_table(rows: list[dict]) -> str:
-    """Per transform, model and budget: clean accuracy without / through the transform, the UAP's rate without it
-    and through it (made without it: the non-adaptive attacker; made through it: `attack.adaptive`), and the
-    random control through it; empty unless some run evaluated through a transform."""
-    cells: dict[tuple, dict] = {}
+    """Per transform, data, model and budget: clean accuracy without / through the transform, the UAP's rate
+    without it and through it (made without it: the non-adaptive attacker; made through it: `attack.adaptive`),
+    and the random control through it; several runs of a cell (seeds) as mean ± sd; empty unless some run
+    evaluated through a transform."""
+    cells: dict[tuple, dict[str, list]] = {}
     for r in rows:
         if r.get("transform") and r.get("test_t") is not None:
-            c = cells.setdefault((r["transform"], r["model"], r["attack"], r["target"], r["norm"], r["zeta"]), {})
-            c["adaptive" if r["adaptive"] else "plain"] = r
-    body = []
-    for (transform, model, attack, target, norm, zeta), c in sorted(cells.items()):
-        base = c.get("plain") or c["adaptive"]
-        n = base.get("n_test")
+            c = cells.setdefault((r["transform"], r["data"], r["model"], r["attack"], r["target"], r["norm"],
+                                  r["zeta"]), {"plain": [], "adaptive": []})
+            c["adaptive" if r["adaptive"] else "plain"].append(r)
 
-        def rate(r, k, n=n):
-            return "" if r is None or r.get(k) is None else f"{r[k]:.3f}{interval(r[k], n)}"
-        body.append([transform, f"{model} · {attack} · {target} · {NORM_NAMES.get(norm, norm)} {zeta:g} %",
-                     f"{base['test_acc_clean']:.3f} -> {base['test_t_acc_clean']:.3f}", rate(c.get("plain"), "test"),
-                     rate(c.get("plain"), "test_t"), rate(c.get("adaptive"), "test_t"), rate(base, "test_t_random")])
+    def rate(rs: list[dict], k: str, with_interval: bool = True) -> str:
+        vals = [r[k] for r in rs if r.get(k) is not None]
+        if len(vals) == 1:
+            return f"{vals[0]:.3f}" + (interval(vals[0], rs[0].get("n_test")) if with_interval else "")
+        return f"{spread(vals)} ({len(vals)} runs)" if vals else ""
+
+    body = []
+    for (transform, data, model, attack, target, norm, zeta), c in sorted(cells.items()):
+        both = c["plain"] + c["adaptive"]
+        body.append([transform, f"{data} · {model} · {attack} · {target} · {NORM_NAMES.get(norm, norm)} {zeta:g} %",
+                     f"{rate(c['plain'] or c['adaptive'], 'test_acc_clean', False)} -> "
+                     f"{rate(c['plain'] or c['adaptive'], 'test_t_acc_clean', False)}", rate(c["plain"], "test"),
+                     rate(c["plain"], "test_t"), rate(c["adaptive"], "test_t"), rate(both, "test_t_random")])
     if not body:
         return ""
-    return md_table(["transform", "model · attack · target · budget", "clean acc (without -> through)",
+    return md_table(["transform", "data · model · attack · target · budget", "clean acc (without -> through)",
                      "UAP without transform", "UAP through it", "adaptive UAP through it", "random through it"],
                     body)
 

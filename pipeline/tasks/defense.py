@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import figures, precision, progress, tracking
 from pipeline.attack.build import make_uap
 from pipeline.attack.norms import project
+from pipeline.attack.step import fgsm_direction
 from pipeline.classifier import Classifier, make_trainer, save_checkpoint
-from pipeline.config import compose_group
+from pipeline.config import defense_black_box_config
 from pipeline.data import CXRDataModule
 from pipeline.eval.metrics import accuracy, attack_rate
 from pipeline.eval.predictions import predict
@@ -61,12 +62,12 @@ class UniversalAdversarialTraining(UAPTraining):
 
     def __init__(self, uap: torch.Tensor, fraction: float, clip: bool, freeze_bn: bool, eps: float, norm: str,
                  step: float):
-        super().__init__(uap.clone(), fraction, clip, freeze_bn)
+        super().__init__(uap.detach().clone(), fraction, clip, freeze_bn)
         self.eps, self.norm, self.step = float(eps), norm, float(step)
         self.delta: torch.Tensor | None = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.delta = self.uap.to(batch[0].device).requires_grad_(True)
+        self.delta = self.uap.detach().to(batch[0].device).clone().requires_grad_(True)
         self.uap_in_batch = self.delta
         super().on_train_batch_start(trainer, module, batch, batch_idx)
 
@@ -75,8 +76,7 @@ class UniversalAdversarialTraining(UAPTraining):
         if g is None:
             return
         with torch.no_grad():
-            g = g.float()
-            direction = g.sign() if self.norm == "linf" else g / g.norm().clamp_min(1e-12)
+            direction = fgsm_direction(g.float()[None], self.norm)[0]  # sign (L-inf) or unit vector (L2)
             self.uap = project((self.delta.detach() + self.step * self.eps * direction)[None], self.eps,
                                self.norm)[0].cpu()
         self.delta = None
@@ -86,7 +86,7 @@ def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path
     d = cfg.defense
     test = dm.dataset("test")
     key = "tsr" if cfg.attack.target is not None else "fr"
-    black_box = black_box_config(cfg)
+    black_box = defense_black_box_config(cfg)
     history = []
     undefended: torch.Tensor | None = None
     stage_name = "epoch" if d.method == "uat" else "round"
@@ -153,19 +153,3 @@ def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path
             f"defense_{key}_undefended_after": after[f"defense_{key}_undefended"],
             **({f"defense_{key}_black_box_before": before[f"defense_{key}_black_box"],
                 f"defense_{key}_black_box_after": after[f"defense_{key}_black_box"]} if black_box is not None else {})}
-
-
-def black_box_config(cfg: DictConfig) -> DictConfig | None:
-    """The run's config with `defense.black_box_attack` (a conf/attack name, e.g. nes_uap) as its attack, at the
-    run's norm, zeta and target, with `defense.black_box_queries`; None when unset."""
-    name = cfg.defense.get("black_box_attack")
-    if not name:
-        return None
-    attack = compose_group("attack", str(name))
-    c = cfg.copy()
-    with open_dict(c):
-        c.attack = attack
-        for k in ("norm", "zeta", "target", "clip", "input_split", "input_limit"):
-            c.attack[k] = cfg.attack[k]
-        c.attack.max_queries = cfg.defense.get("black_box_queries")
-    return c
