@@ -64,22 +64,20 @@ class UniversalAdversarialTraining(UAPTraining):
                  step: float):
         super().__init__(uap.detach().clone(), fraction, clip, freeze_bn)
         self.eps, self.norm, self.step = float(eps), norm, float(step)
-        self.delta: torch.Tensor | None = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.delta = self.uap.detach().to(batch[0].device).clone().requires_grad_(True)
-        self.uap_in_batch = self.delta
+        self.uap_in_batch = self.uap.detach().to(batch[0].device).clone().requires_grad_(True)
         super().on_train_batch_start(trainer, module, batch, batch_idx)
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
-        g = None if self.delta is None else self.delta.grad
-        if g is None:
+        delta = self.uap_in_batch
+        if delta is None or delta.grad is None:
             return
         with torch.no_grad():
-            direction = fgsm_direction(g.float()[None], self.norm)[0]  # sign (L-inf) or unit vector (L2)
-            self.uap = project((self.delta.detach() + self.step * self.eps * direction)[None], self.eps,
+            direction = fgsm_direction(delta.grad.float()[None], self.norm)[0]  # sign (L-inf) or unit vector (L2)
+            self.uap = project((delta.detach() + self.step * self.eps * direction)[None], self.eps,
                                self.norm)[0].cpu()
-        self.delta = None
+        self.uap_in_batch = None
 
 
 def run_defense(cfg: DictConfig, dm: CXRDataModule, model: Classifier, out: Path, device) -> dict[str, float]:
