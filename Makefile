@@ -47,7 +47,7 @@ sweep:  ## a sweep, e.g. make sweep ARGS="+sweep=norm_grid data=cxr3"
 report:  ## tables and figures from the MLflow store into outputs/report/
 	$(PYTHON) -m pipeline.report $(ARGS)
 
-results:  ## the paper's grid on ../shared/data/cxr3 with strong_uap (144 jobs, hours on a CPU), report in outputs/report_cxr3
+results:  ## the paper's grid on ../shared/data/cxr3 with grid_uap (144 jobs, training included), report in outputs/report_cxr3
 	$(PYTHON) -m pipeline +sweep=cxr3_paper -m $(ARGS)
 	$(PYTHON) -m pipeline.report --sweep cxr3_paper --out outputs/report_cxr3
 
