@@ -29,7 +29,7 @@ DISPLAY_LEAVES = {"num_workers", "enable_progress_bar", "log_every_n_steps", "en
 # keep their keys; any other value defines the result like any key
 NEUTRAL = {"attack.black_box": False, "attack.max_queries": None, "attack.input_source": "train",
            "attack.input_root": None, "attack.surrogate_model": None, "attack.surrogate_seed": None,
-           "attack.adaptive": False, "attack.targeted_restarts": None, "transform": {},
+           "attack.adaptive": False, "attack.targeted_overrides": None, "transform": {},
            "defense.method": "uap_finetune",
            "defense.black_box_attack": None, "defense.black_box_queries": 10000}
 # top-level sections read by one task only: another task's result does not depend on them

@@ -270,13 +270,15 @@ def test_restarts_run_from_other_points_and_keep_the_best(phantom_model):
     assert atk.best["fr"] == best and atk.exact_rate(atk.uap()) == best
 
 
-def test_a_targeted_search_makes_its_own_number_of_starts(phantom_model):
-    """grid_uap: a targeted search makes `targeted_restarts` further starts, a non-targeted one `restarts`."""
+def test_a_targeted_search_takes_its_own_schedule(phantom_model):
+    """attack.targeted_overrides (grid_uap): a targeted search takes these keys, a non-targeted one does not."""
     _, dm, model = phantom_model
     starts = {}
     for target in (None, "normal"):
         atk = make_attack(model, dm, "sgd_uap", "attack.max_iter=1", "attack.delta=0", "attack.restarts=2",
-                          "attack.targeted_restarts=0", "attack.keep=best", f"attack.target={target or 'null'}")
+                          "attack.keep=best", "+attack.targeted_overrides={restarts:0,stopper:{patience:1}}",
+                          f"attack.target={target or 'null'}")
+        assert atk.stopper.patience == (None if target is None else 1)
         fit(atk, dm)
         starts[target] = sorted({h["start"] for h in atk.history})
     assert starts == {None: [0, 1, 2], "normal": [0]}
@@ -295,7 +297,8 @@ def test_same_seed_same_uap_bitwise(phantom_model, attack):
     ("zeta=0", "attack.zeta"), ("zeta=101", "attack.zeta"), ("norm=linf attack.norm=l1", "attack.norm"),
     ("attack.target=flu", "attack.target"), ("attack.max_iter=-1", "attack.max_iter"),
     ("attack.keep=worst", "attack.keep"),
-    ("attack.restarts=-1", "attack.restarts"), ("attack.targeted_restarts=1.5", "attack.targeted_restarts"),
+    ("attack.restarts=-1", "attack.restarts"),
+    ("attack.targeted_overrides={restart:0}", "attack.targeted_overrides.restart"),
     ("attack.step_rule.scales=[]", "attack.step_rule.scales"),
     ("attack.objective.label=nope", "attack.objective.label"), ("attack.batch_size=0", "attack.batch_size"),
     ("attack.step=0", "attack.step"),

@@ -15,8 +15,8 @@ conf/attack/<part>/) do the rest:
 
 and the module's own switches: one image at a time (`per_image`, the paper's loop) or minibatches,
 step only on images not yet fooled (`skip_fooled`), `restarts` from random points of the sphere (with
-`restart_objectives`, each restart minimising the next objective of that list; a targeted search makes
-`targeted_restarts` of them where that is set),
+`restart_objectives`, each restart minimising the next objective of that list),
+`targeted_overrides` (attack keys that a targeted search takes instead: its own schedule),
 `candidates` (UAPs made elsewhere: the previous zeta's, the targeted ones) measured and, when given,
 the start of the first restart (with `start_at_candidate`: of the first start), and what is returned
 (`keep`: the last iterate or the best one seen by exact input-set fooling rate). Every iterate is projected
@@ -57,8 +57,15 @@ def new_attack(attack, classifier: nn.Module, image_size: int, classes: Sequence
     """The UAP module of an `attack` config (its task keys left out, `changes` applied) against `classifier`.
     With a stand-in classifier (nn.Identity) this checks every attack key, the parts' too, before any work."""
     a = OmegaConf.to_container(attack, resolve=True)
+    targeted = a.pop("targeted_overrides", None) or {}
     for k in TASK_KEYS:
         a.pop(k, None)
+    unknown = sorted(set(targeted) - set(a))
+    if unknown:
+        raise ConfigError(f"attack.targeted_overrides.{unknown[0]}: not an attack key; expected keys of the attack "
+                          f"that a targeted search changes (restarts, start_at_candidate, stopper, ...)")
+    if a.get("target") is not None and targeted:  # a targeted search's own schedule (grid_uap)
+        a = OmegaConf.to_container(OmegaConf.merge(a, targeted))
     a.update(changes)
     return instantiate(a, classifier=classifier, image_size=image_size, classes=classes)
 
@@ -76,9 +83,8 @@ class UAP(pl.LightningModule):
                  zeta: float = 2.0, eps: float | None = None, target: str | None = None, clip: bool = False,
                  batch_size: int = 32, per_image: bool = False,
                  skip_fooled: bool = False, keep: str = "last", restarts: int = 0,
-                 restart_objectives: Sequence | None = None, targeted_restarts: int | None = None,
-                 start_at_candidate: bool = False, exact_fr: bool = False, black_box: bool = False,
-                 max_queries: int | None = None,
+                 restart_objectives: Sequence | None = None, start_at_candidate: bool = False,
+                 exact_fr: bool = False, black_box: bool = False, max_queries: int | None = None,
                  augment: dict | None = None, adaptive: bool = False, transform=None, name: str | None = None):
         super().__init__()
         self.classes = list(classes)
@@ -108,9 +114,6 @@ class UAP(pl.LightningModule):
             raise ConfigError(f"attack.keep={keep!r}: expected one of {list(KEEP)}")
         if not isinstance(restarts, int) or restarts < 0:
             raise ConfigError(f"attack.restarts={restarts}: expected an integer >= 0")
-        if targeted_restarts is not None and (not isinstance(targeted_restarts, int) or targeted_restarts < 0):
-            raise ConfigError(f"attack.targeted_restarts={targeted_restarts}: expected null (as attack.restarts) "
-                              f"or an integer >= 0")
         self.initializer = initializer or Zeros()
         self.objective, self.step_rule = objective, step_rule
         self.acceptance, self.stopper = acceptance, stopper
@@ -119,9 +122,6 @@ class UAP(pl.LightningModule):
         self.target_name, self.name = target, name or type(self).__name__
         self.clip, self.per_image = bool(clip), bool(per_image)
         self.batch_size = None if batch_size is None else int(batch_size)  # None: the whole input set per step
-        # a targeted search may make fewer starts (`targeted_restarts`; null: as many as a non-targeted one)
-        if target is not None and targeted_restarts is not None:
-            restarts = targeted_restarts
         self.skip_fooled, self.keep, self.restarts = bool(skip_fooled), keep, restarts
         # the restarts' objectives in turn (other objectives find other optima); none: the first one's
         self.restart_objectives = list(restart_objectives or [])
